@@ -1,0 +1,540 @@
+-- keytrack schema dump: written by scripts/dump-schema.mjs after migrating; do not edit.
+-- Reviewable as a diff; tests check that a fresh migrate reproduces it.
+
+-- schema app_partitions
+--   acl: (default)
+--   comment: keytrack: the time partitions of app_public.chat_completion_requests. Never granted to anyone: query the parent table, whose row-level security applies.
+
+-- schema app_private
+--   acl: keytrack_authenticator=U/keytrack_owner, keytrack_owner=UC/keytrack_owner
+--   comment: keytrack internals: hashed key secrets, request id guard, helper functions. Not exposed; reached through security definer functions.
+
+-- schema app_public
+--   acl: keytrack_admin=U/keytrack_owner, keytrack_analyst=U/keytrack_owner, keytrack_authenticator=U/keytrack_owner, keytrack_owner=UC/keytrack_owner, keytrack_user=U/keytrack_owner
+--   comment: keytrack: the request ledger as seen by GraphQL, admins and DBAs (users, api_keys, chat_completion_requests, quality views).
+
+-- default privileges in (all) for f: keytrack_owner=X/keytrack_owner
+
+create type app_private.authenticated_api_key as (
+  api_key_id uuid,  -- The key, or NULL when no key has this hash.
+  user_id uuid,  -- The key's owner.
+  user_role text,  -- The owner's role: `user` or `admin`.
+  environment text,  -- The key's environment.
+  is_usable boolean,  -- True when the key may authenticate now: not revoked, not expired.
+  reason text  -- Why it may not: `not_found`, `revoked` or `expired`; NULL when usable.
+);
+-- comment: What authenticate_api_key() knows about a presented key.
+
+create type app_public.created_api_key as (
+  api_key_id uuid,  -- The new key's id.
+  user_id uuid,  -- The owner.
+  name text,  -- The key's label.
+  prefix text,  -- The key's first characters, stored for display.
+  environment text,  -- `live`, `test` or `development`.
+  expires_at timestamp with time zone,  -- When the key expires, or NULL.
+  secret text  -- The API key itself. Shown once: keytrack stores only its SHA-256.
+);
+-- comment: A newly created API key, with its secret: the only time the secret is ever shown.
+
+create table app_partitions.chat_completion_requests_default partition (DEFAULT) (
+  id bigint not null,  -- Row number, unique with created_at (the partition key).
+  request_id text not null default (gen_random_uuid())::text,  -- The request's id, unique across the ledger: re-inserting a request with the same request_id is ignored (idempotent re-delivery).
+  created_at timestamp with time zone not null default now(),  -- When the request arrived (the partition key).
+  user_id uuid,  -- The user who made the request: set from the key when the key is resolved; NULL for anonymous requests.
+  api_key_id uuid,  -- The API key that made the request. NULL when anonymous, or while the presented key is not (yet) known.
+  is_anonymous boolean not null default false,  -- True for requests made without credentials on purpose (no key, no user); these are not attribution failures.
+  model text,  -- The model requested.
+  provider text,  -- The upstream provider that served it.
+  input_tokens integer,  -- Prompt tokens, from the provider's usage.
+  output_tokens integer,  -- Completion tokens, from the provider's usage.
+  processing_time_ms integer,  -- Time from receiving the request to the end of the response, in milliseconds.
+  status text not null default 'completed'::text,  -- Outcome of the request: `completed`, `failed` (upstream error or timeout) or `partial` (the client went away mid-stream).
+  error_message text,  -- Why the request failed, when it did.
+  api_key_hash bytea,  -- SHA-256 of the presented key (sha256(convert_to(key, 'UTF8'))), never the key. Kept so the row can be resolved later.
+  attribution_status text not null default 'pending'::text,  -- `resolved` (api_key_id set), `anonymous` (no credentials on purpose), `pending` (a key hash was presented that matches no key yet, to be retried) or `failed` (could not be attributed; see attribution_reason).
+  attribution_method text,  -- How a resolved row was attributed: `lookup` (at insert), `retry` (by the retry worker), `backfill`, or `dev` (the development key).
+  attribution_reason text,  -- Why a row is not attributed: e.g. `no_key` (a user but no key presented), `not_found` (the key never appeared), `lookup_failed`, `dev_bypass`, `ambiguous`.
+  attribution_attempts integer not null default 0,  -- How many times the key was looked up for this row.
+  attribution_next_attempt_at timestamp with time zone,  -- When a pending row is due to be looked up again.
+  attribution_error text,  -- The last error met while attributing this row, for diagnosis.
+  attributed_at timestamp with time zone  -- When api_key_id was set.
+);
+-- row level security: enabled
+-- acl: (default)
+-- comment: Default partition of app_public.chat_completion_requests: catches rows outside every month created so far until create_partitions() moves them. Query the parent.
+constraint chat_completion_requests_api_key_hash_check CHECK (octet_length(api_key_hash) = 32);
+constraint chat_completion_requests_api_key_id_fkey FOREIGN KEY (api_key_id) REFERENCES app_public.api_keys(id) ON DELETE RESTRICT;
+constraint chat_completion_requests_attribution_attempts_check CHECK (attribution_attempts >= 0);
+constraint chat_completion_requests_attribution_method_check CHECK (attribution_method = ANY (ARRAY['lookup'::text, 'retry'::text, 'backfill'::text, 'dev'::text]));
+constraint chat_completion_requests_attribution_status_check CHECK (attribution_status = ANY (ARRAY['resolved'::text, 'anonymous'::text, 'pending'::text, 'failed'::text]));
+constraint chat_completion_requests_check CHECK ((attribution_status = 'resolved'::text) = (api_key_id IS NOT NULL));
+constraint chat_completion_requests_check1 CHECK (attribution_status <> 'anonymous'::text OR is_anonymous AND api_key_id IS NULL AND user_id IS NULL);
+constraint chat_completion_requests_check2 CHECK (attribution_method IS NULL OR attribution_status = 'resolved'::text);
+constraint chat_completion_requests_default_pkey PRIMARY KEY (id, created_at);
+constraint chat_completion_requests_input_tokens_check CHECK (input_tokens >= 0);
+constraint chat_completion_requests_model_check CHECK (length(model) <= 200);
+constraint chat_completion_requests_output_tokens_check CHECK (output_tokens >= 0);
+constraint chat_completion_requests_processing_time_ms_check CHECK (processing_time_ms >= 0);
+constraint chat_completion_requests_provider_check CHECK (length(provider) <= 200);
+constraint chat_completion_requests_request_id_check CHECK (length(request_id) >= 1 AND length(request_id) <= 200);
+constraint chat_completion_requests_status_check CHECK (status = ANY (ARRAY['completed'::text, 'failed'::text, 'partial'::text]));
+constraint chat_completion_requests_user_id_fkey FOREIGN KEY (user_id) REFERENCES app_public.users(id) ON DELETE RESTRICT;
+CREATE INDEX chat_completion_requests_defaul_attribution_next_attempt_at_idx ON app_partitions.chat_completion_requests_default USING btree (attribution_next_attempt_at) WHERE (attribution_status = 'pending'::text);
+CREATE INDEX chat_completion_requests_default_api_key_id_idx ON app_partitions.chat_completion_requests_default USING btree (api_key_id);
+CREATE INDEX chat_completion_requests_default_created_at_idx ON app_partitions.chat_completion_requests_default USING btree (created_at);
+CREATE INDEX chat_completion_requests_default_is_anonymous_idx ON app_partitions.chat_completion_requests_default USING btree (is_anonymous);
+CREATE UNIQUE INDEX chat_completion_requests_default_pkey ON app_partitions.chat_completion_requests_default USING btree (id, created_at);
+CREATE INDEX chat_completion_requests_default_request_id_idx ON app_partitions.chat_completion_requests_default USING btree (request_id);
+CREATE INDEX chat_completion_requests_default_user_id_idx ON app_partitions.chat_completion_requests_default USING btree (user_id);
+CREATE TRIGGER _500_attribute BEFORE INSERT ON app_partitions.chat_completion_requests_default FOR EACH ROW EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- (no comment)
+
+create table app_private.api_key_secrets (
+  api_key_id uuid not null,  -- The key this hash belongs to (also the primary key, so it is indexed).
+  key_hash bytea not null  -- SHA-256 of the key's UTF-8 bytes; unique, so a hash names at most one key.
+);
+-- row level security: enabled
+-- acl: (default)
+-- comment: The SHA-256 of each API key (sha256(convert_to(key, 'UTF8'))). The key itself is stored nowhere. Read only by security definer functions.
+constraint api_key_secrets_api_key_id_fkey FOREIGN KEY (api_key_id) REFERENCES app_public.api_keys(id) ON DELETE RESTRICT;
+constraint api_key_secrets_key_hash_check CHECK (octet_length(key_hash) = 32);
+constraint api_key_secrets_key_hash_key UNIQUE (key_hash);
+constraint api_key_secrets_pkey PRIMARY KEY (api_key_id);
+CREATE UNIQUE INDEX api_key_secrets_key_hash_key ON app_private.api_key_secrets USING btree (key_hash);
+CREATE UNIQUE INDEX api_key_secrets_pkey ON app_private.api_key_secrets USING btree (api_key_id);
+
+create table app_private.request_ids (
+  request_id text not null,  -- The request's id.
+  created_at timestamp with time zone not null  -- The created_at of the recorded row.
+);
+-- row level security: enabled
+-- acl: (default)
+-- comment: One row per request_id recorded in chat_completion_requests: makes re-delivery of a request a no-op across partitions, and finds a request's created_at (its partition) from its id.
+constraint request_ids_pkey PRIMARY KEY (request_id);
+CREATE UNIQUE INDEX request_ids_pkey ON app_private.request_ids USING btree (request_id);
+
+create view app_public.api_key_tracking_quality (
+  hour timestamp with time zone,  -- The hour (date_trunc('hour', created_at), in the session's time zone).
+  total_requests bigint,  -- Requests in the hour.
+  requests_with_api_key bigint,  -- Requests with api_key_id set.
+  requests_without_api_key bigint,  -- Requests with api_key_id NULL (anonymous, pending or failed).
+  anonymous_requests bigint,  -- Requests flagged is_anonymous.
+  potential_lookup_failures bigint,  -- Requests naming a user but no API key: attribution failures to investigate.
+  tracking_rate_percent numeric  -- requests_with_api_key / total_requests * 100, rounded to 2 places.
+);
+-- definition:
+SELECT date_trunc('hour'::text, chat_completion_requests.created_at) AS hour,
+    count(*) AS total_requests,
+    count(chat_completion_requests.api_key_id) AS requests_with_api_key,
+    count(*) FILTER (WHERE chat_completion_requests.api_key_id IS NULL) AS requests_without_api_key,
+    count(*) FILTER (WHERE chat_completion_requests.is_anonymous = true) AS anonymous_requests,
+    count(*) FILTER (WHERE chat_completion_requests.api_key_id IS NULL AND chat_completion_requests.user_id IS NOT NULL) AS potential_lookup_failures,
+    round(count(chat_completion_requests.api_key_id)::numeric / NULLIF(count(*), 0)::numeric * 100::numeric, 2) AS tracking_rate_percent
+   FROM app_public.chat_completion_requests
+  WHERE chat_completion_requests.created_at >= (now() - '7 days'::interval)
+  GROUP BY (date_trunc('hour'::text, chat_completion_requests.created_at))
+  ORDER BY (date_trunc('hour'::text, chat_completion_requests.created_at)) DESC;
+-- options: security_invoker=true
+-- row level security: DISABLED
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: @primaryKey hour
+@behavior -insert -update -delete
+API key tracking quality per hour over the last 7 days (the spec's view): how many requests carried an API key id, how many were anonymous, how many name a user but no key.
+
+create table app_public.api_keys (
+  id uuid not null default gen_random_uuid(),  -- Primary key; chat_completion_requests.api_key_id points here.
+  user_id uuid not null,  -- The user who owns the key; requests made with it are attributed to them.
+  name text not null default 'default'::text,  -- A label chosen by the owner. [acl: keytrack_admin=w/keytrack_owner]
+  prefix text,  -- The first characters of the key, for recognising it (e.g. kt_live_1a2b). NULL for imported keys registered without one.
+  last4 text,  -- The last four characters of the key, for recognising it.
+  environment text not null default 'live'::text,  -- `live`, `test` or `development` (the dev key of APP_ENV=development).
+  source text not null default 'created'::text,  -- `created` by keytrack (create_api_key) or `imported` by hash from another system (import_api_key).
+  created_at timestamp with time zone not null default now(),  -- When the key was created or imported.
+  expires_at timestamp with time zone,  -- After this instant the key no longer authenticates. NULL: never expires. [acl: keytrack_admin=w/keytrack_owner]
+  revoked_at timestamp with time zone,  -- When the key was revoked; it no longer authenticates, but requests it made stay attributed to it.
+  last_used_at timestamp with time zone  -- When the key last authenticated a request through the service (updated at most once a minute).
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: @behavior -insert -delete
+API keys. Created with create_api_key() (the secret is shown once) or registered by hash with import_api_key(); revoked with revoke_api_key(), never deleted, so requests stay attributed.
+constraint api_keys_check CHECK (expires_at IS NULL OR expires_at > created_at);
+constraint api_keys_environment_check CHECK (environment = ANY (ARRAY['live'::text, 'test'::text, 'development'::text]));
+constraint api_keys_last4_check CHECK (length(last4) <= 4);
+constraint api_keys_name_check CHECK (length(name) >= 1 AND length(name) <= 200);
+constraint api_keys_pkey PRIMARY KEY (id);
+constraint api_keys_prefix_check CHECK (length(prefix) <= 32);
+constraint api_keys_source_check CHECK (source = ANY (ARRAY['created'::text, 'imported'::text]));
+constraint api_keys_user_id_fkey FOREIGN KEY (user_id) REFERENCES app_public.users(id) ON DELETE RESTRICT;
+CREATE UNIQUE INDEX api_keys_pkey ON app_public.api_keys USING btree (id);
+CREATE INDEX api_keys_user_id_idx ON app_public.api_keys USING btree (user_id);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every key.
+policy select_own for r to keytrack_user using ((user_id = app_public.current_user_id()));  -- A user sees only their own keys.
+policy update_admin for w to keytrack_admin using (true);  -- Admins rename keys and change their expiry.
+
+create table app_public.chat_completion_requests (
+  id bigint not null generated by default as identity,  -- Row number, unique with created_at (the partition key).
+  request_id text not null default (gen_random_uuid())::text,  -- The request's id, unique across the ledger: re-inserting a request with the same request_id is ignored (idempotent re-delivery).
+  created_at timestamp with time zone not null default now(),  -- When the request arrived (the partition key).
+  user_id uuid,  -- The user who made the request: set from the key when the key is resolved; NULL for anonymous requests.
+  api_key_id uuid,  -- The API key that made the request. NULL when anonymous, or while the presented key is not (yet) known.
+  is_anonymous boolean not null default false,  -- True for requests made without credentials on purpose (no key, no user); these are not attribution failures.
+  model text,  -- The model requested.
+  provider text,  -- The upstream provider that served it.
+  input_tokens integer,  -- Prompt tokens, from the provider's usage.
+  output_tokens integer,  -- Completion tokens, from the provider's usage.
+  processing_time_ms integer,  -- Time from receiving the request to the end of the response, in milliseconds.
+  status text not null default 'completed'::text,  -- Outcome of the request: `completed`, `failed` (upstream error or timeout) or `partial` (the client went away mid-stream).
+  error_message text,  -- Why the request failed, when it did.
+  api_key_hash bytea,  -- SHA-256 of the presented key (sha256(convert_to(key, 'UTF8'))), never the key. Kept so the row can be resolved later.
+  attribution_status text not null default 'pending'::text,  -- `resolved` (api_key_id set), `anonymous` (no credentials on purpose), `pending` (a key hash was presented that matches no key yet, to be retried) or `failed` (could not be attributed; see attribution_reason).
+  attribution_method text,  -- How a resolved row was attributed: `lookup` (at insert), `retry` (by the retry worker), `backfill`, or `dev` (the development key).
+  attribution_reason text,  -- Why a row is not attributed: e.g. `no_key` (a user but no key presented), `not_found` (the key never appeared), `lookup_failed`, `dev_bypass`, `ambiguous`.
+  attribution_attempts integer not null default 0,  -- How many times the key was looked up for this row.
+  attribution_next_attempt_at timestamp with time zone,  -- When a pending row is due to be looked up again.
+  attribution_error text,  -- The last error met while attributing this row, for diagnosis.
+  attributed_at timestamp with time zone  -- When api_key_id was set.
+) partition by RANGE (created_at);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: @behavior -insert -update -delete
+The request ledger: one row per chat request that passed the gateway, attributed to the API key and user that made it, or flagged anonymous on purpose. Insert with the key's SHA-256 in api_key_hash (or nothing, for anonymous): a trigger resolves api_key_id and user_id, sets is_anonymous and attribution_status. Re-inserting a request_id changes nothing. Partitioned by month of created_at.
+constraint chat_completion_requests_api_key_hash_check CHECK (octet_length(api_key_hash) = 32);
+constraint chat_completion_requests_api_key_id_fkey FOREIGN KEY (api_key_id) REFERENCES app_public.api_keys(id) ON DELETE RESTRICT;
+constraint chat_completion_requests_attribution_attempts_check CHECK (attribution_attempts >= 0);
+constraint chat_completion_requests_attribution_method_check CHECK (attribution_method = ANY (ARRAY['lookup'::text, 'retry'::text, 'backfill'::text, 'dev'::text]));
+constraint chat_completion_requests_attribution_status_check CHECK (attribution_status = ANY (ARRAY['resolved'::text, 'anonymous'::text, 'pending'::text, 'failed'::text]));
+constraint chat_completion_requests_check CHECK ((attribution_status = 'resolved'::text) = (api_key_id IS NOT NULL));
+constraint chat_completion_requests_check1 CHECK (attribution_status <> 'anonymous'::text OR is_anonymous AND api_key_id IS NULL AND user_id IS NULL);
+constraint chat_completion_requests_check2 CHECK (attribution_method IS NULL OR attribution_status = 'resolved'::text);
+constraint chat_completion_requests_input_tokens_check CHECK (input_tokens >= 0);
+constraint chat_completion_requests_model_check CHECK (length(model) <= 200);
+constraint chat_completion_requests_output_tokens_check CHECK (output_tokens >= 0);
+constraint chat_completion_requests_pkey PRIMARY KEY (id, created_at);
+constraint chat_completion_requests_processing_time_ms_check CHECK (processing_time_ms >= 0);
+constraint chat_completion_requests_provider_check CHECK (length(provider) <= 200);
+constraint chat_completion_requests_request_id_check CHECK (length(request_id) >= 1 AND length(request_id) <= 200);
+constraint chat_completion_requests_status_check CHECK (status = ANY (ARRAY['completed'::text, 'failed'::text, 'partial'::text]));
+constraint chat_completion_requests_user_id_fkey FOREIGN KEY (user_id) REFERENCES app_public.users(id) ON DELETE RESTRICT;
+CREATE INDEX chat_completion_requests_api_key_id_idx ON ONLY app_public.chat_completion_requests USING btree (api_key_id);
+CREATE INDEX chat_completion_requests_created_at_idx ON ONLY app_public.chat_completion_requests USING btree (created_at);
+CREATE INDEX chat_completion_requests_pending_idx ON ONLY app_public.chat_completion_requests USING btree (attribution_next_attempt_at) WHERE (attribution_status = 'pending'::text);
+CREATE UNIQUE INDEX chat_completion_requests_pkey ON ONLY app_public.chat_completion_requests USING btree (id, created_at);
+CREATE INDEX chat_completion_requests_request_id_idx ON ONLY app_public.chat_completion_requests USING btree (request_id);
+CREATE INDEX chat_completion_requests_user_id_idx ON ONLY app_public.chat_completion_requests USING btree (user_id);
+CREATE INDEX idx_chat_completion_requests_is_anonymous ON ONLY app_public.chat_completion_requests USING btree (is_anonymous);
+CREATE TRIGGER _500_attribute BEFORE INSERT ON app_public.chat_completion_requests FOR EACH ROW EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- Claims the request_id and attributes the row (see app_private.tg_chat_completion_requests__attribute).
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every request.
+policy select_own for r to keytrack_user using ((user_id = app_public.current_user_id()));  -- A user sees only the requests attributed to them.
+
+create table app_public.users (
+  id uuid not null default gen_random_uuid(),  -- Primary key.
+  email text not null,  -- Email address, unique regardless of case. [acl: keytrack_admin=aw/keytrack_owner]
+  display_name text,  -- Name shown to admins. [acl: keytrack_admin=aw/keytrack_owner]
+  role text not null default 'user'::text,  -- `user` or `admin`. An admin user's API key grants admin access to GraphQL and the monitoring endpoints. [acl: keytrack_admin=aw/keytrack_owner]
+  created_at timestamp with time zone not null default now(),  -- When the user was created.
+  updated_at timestamp with time zone not null default now()  -- When the user was last changed.
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: People (or services) that own API keys. Requests are attributed to a user through their key.
+constraint users_display_name_check CHECK (length(display_name) <= 200);
+constraint users_email_check CHECK (email ~ '^[^@\s]+@[^@\s]+$'::text AND length(email) <= 320);
+constraint users_pkey PRIMARY KEY (id);
+constraint users_role_check CHECK (role = ANY (ARRAY['user'::text, 'admin'::text]));
+CREATE UNIQUE INDEX users_email_key ON app_public.users USING btree (lower(email));
+CREATE UNIQUE INDEX users_pkey ON app_public.users USING btree (id);
+CREATE TRIGGER _100_set_updated_at BEFORE UPDATE ON app_public.users FOR EACH ROW EXECUTE FUNCTION app_private.tg__set_updated_at();  -- Maintains users.updated_at.
+policy insert_admin for a to keytrack_admin with check (true);  -- Admins create users.
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every user.
+policy select_self for r to keytrack_user using ((id = app_public.current_user_id()));  -- A user sees only themselves.
+policy update_admin for w to keytrack_admin using (true);  -- Admins change users.
+
+-- 5 monthly partitions (chat_completion_requests_pYYYY_MM) made by create_partitions(), not listed.
+
+CREATE OR REPLACE FUNCTION app_private.authenticate_api_key(key_hash bytea)
+ RETURNS app_private.authenticated_api_key
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+  select coalesce(
+    (select row(
+        k.id, k.user_id, u.role, k.environment,
+        k.revoked_at is null and (k.expires_at is null or k.expires_at > now()),
+        case when k.revoked_at is not null then 'revoked'
+             when k.expires_at is not null and k.expires_at <= now() then 'expired' end
+      )::app_private.authenticated_api_key
+     from app_private.api_key_secrets s
+     join app_public.api_keys k on k.id = s.api_key_id
+     join app_public.users u on u.id = k.user_id
+     where s.key_hash = authenticate_api_key.key_hash),
+    row(null, null, null, null, false, 'not_found')::app_private.authenticated_api_key)
+$function$;
+-- acl: keytrack_authenticator=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: Looks up a presented key by its hash: the key id, the user id and whether the key is usable now (not revoked, not expired), with the reason when not. Always returns one row.
+
+CREATE OR REPLACE FUNCTION app_private.create_partitions(months_ahead integer DEFAULT 3)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_this_month date := date_trunc('month', now() at time zone 'UTC')::date;
+  v_month date;
+  v_lo timestamptz;
+  v_hi timestamptz;
+  v_name text;
+  v_created integer := 0;
+begin
+  if months_ahead is null or months_ahead < 0 or months_ahead > 120 then
+    raise exception 'months_ahead must be between 0 and 120, got %', months_ahead using errcode = '22023';
+  end if;
+  -- Last month to months_ahead ahead, plus every month the default partition
+  -- has caught rows for.
+  for v_month in
+    select m::date from generate_series(v_this_month - interval '1 month',
+                                        v_this_month + make_interval(months => months_ahead),
+                                        interval '1 month') m
+    union
+    select distinct date_trunc('month', d.created_at at time zone 'UTC')::date
+      from app_partitions.chat_completion_requests_default d
+    order by 1
+  loop
+    v_name := 'chat_completion_requests_p' || to_char(v_month, 'YYYY_MM');
+    if to_regclass(format('app_partitions.%I', v_name)) is null then
+      v_lo := v_month::timestamp at time zone 'UTC';
+      v_hi := (v_month + interval '1 month')::timestamp at time zone 'UTC';
+      -- Build it detached, move the rows the default partition caught for this
+      -- month, then attach (the parent's indexes and triggers follow).
+      execute format('create table app_partitions.%I (like app_public.chat_completion_requests including defaults including constraints)', v_name);
+      execute format($q$with moved as (delete from app_partitions.chat_completion_requests_default where created_at >= %L and created_at < %L returning *)
+                       insert into app_partitions.%I select * from moved$q$, v_lo, v_hi, v_name);
+      execute format('alter table app_public.chat_completion_requests attach partition app_partitions.%I for values from (%L) to (%L)', v_name, v_lo, v_hi);
+      execute format('alter table app_partitions.%I enable row level security', v_name);
+      perform app_private.describe_partition(format('app_partitions.%I', v_name)::regclass,
+        format('Partition of app_public.chat_completion_requests for %s (UTC). Query the parent.', to_char(v_month, 'YYYY-MM')));
+      v_created := v_created + 1;
+    end if;
+  end loop;
+  return v_created;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Creates the monthly partitions of chat_completion_requests (UTC) from last month to months_ahead months ahead, and for every month whose rows the default partition caught, moving those rows into it. Idempotent; returns how many partitions it created.
+
+CREATE OR REPLACE FUNCTION app_private.describe_partition(partition regclass, description text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_col record;
+begin
+  execute format('comment on table %s is %L', partition, description);
+  for v_col in
+    select a.attname, col_description(a.attrelid, a.attnum) as description
+      from pg_attribute a
+     where a.attrelid = 'app_public.chat_completion_requests'::regclass and a.attnum > 0 and not a.attisdropped
+  loop
+    execute format('comment on column %s.%I is %L', partition, v_col.attname, v_col.description);
+  end loop;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Comments a partition of chat_completion_requests and copies the parent's column comments onto it, so \d+ on a partition explains itself too.
+
+CREATE OR REPLACE FUNCTION app_private.is_admin()
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$
+  select pg_has_role(
+    case when current_setting('role') = 'none' then session_user
+         else current_setting('role')::name end,
+    'keytrack_admin', 'USAGE')
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: True when the calling role (the role setting, or the session user when none is set) has the privileges of keytrack_admin: the service maps ADMIN_API_KEY and admin users to it; the owner and superusers count too. Correct inside security definer functions.
+
+CREATE OR REPLACE FUNCTION app_private.tg__set_updated_at()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+begin
+  new.updated_at := greatest(now(), old.updated_at + interval '1 microsecond');
+  return new;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Trigger function: keeps updated_at strictly increasing on every update.
+
+CREATE OR REPLACE FUNCTION app_private.tg_chat_completion_requests__attribute()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_key_id uuid;
+  v_user_id uuid;
+  v_env text;
+begin
+  insert into app_private.request_ids (request_id, created_at)
+    values (new.request_id, new.created_at)
+    on conflict do nothing;
+  if not found then
+    return null;  -- already recorded: re-delivery changes nothing
+  end if;
+  new.attribution_method := null;
+  new.attribution_reason := null;
+  new.attributed_at := null;
+  new.attribution_next_attempt_at := null;
+  if new.api_key_hash is not null then
+    select k.id, k.user_id, k.environment into v_key_id, v_user_id, v_env
+      from app_private.api_key_secrets s
+      join app_public.api_keys k on k.id = s.api_key_id
+      where s.key_hash = new.api_key_hash;
+    new.attribution_attempts := 1;
+    new.is_anonymous := false;
+    if found then
+      new.api_key_id := v_key_id;
+      new.user_id := v_user_id;
+      new.attribution_status := 'resolved';
+      new.attribution_method := case when v_env = 'development' then 'dev' else 'lookup' end;
+      new.attributed_at := now();
+    else
+      new.api_key_id := null;
+      new.attribution_status := 'pending';
+      new.attribution_reason := 'not_found';
+      new.attribution_next_attempt_at := now();
+    end if;
+  elsif new.api_key_id is not null then
+    select k.user_id, k.environment into v_user_id, v_env
+      from app_public.api_keys k where k.id = new.api_key_id;
+    if found then
+      new.user_id := v_user_id;
+    end if;  -- otherwise the foreign key rejects the row
+    new.is_anonymous := false;
+    new.attribution_status := 'resolved';
+    new.attribution_method := case when v_env = 'development' then 'dev' else 'lookup' end;
+    new.attributed_at := now();
+  elsif new.user_id is not null then
+    new.is_anonymous := false;
+    new.attribution_status := 'failed';
+    new.attribution_reason := coalesce(new.attribution_reason, 'no_key');
+  else
+    new.is_anonymous := true;
+    new.attribution_status := 'anonymous';
+  end if;
+  return new;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Trigger function (BEFORE INSERT on chat_completion_requests): makes request_id idempotent and attributes the row from api_key_hash (resolved, pending), api_key_id, user_id (failed: no_key) or nothing (anonymous).
+
+CREATE OR REPLACE FUNCTION app_public.api_key_hash(key text)
+ RETURNS bytea
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$ select sha256(convert_to(key, 'UTF8')) $function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
+-- comment: @behavior -queryField
+The hash keytrack stores and matches for an API key: sha256(convert_to(key, 'UTF8')) as bytea. Writers present this in chat_completion_requests.api_key_hash; the key itself is stored nowhere.
+
+CREATE OR REPLACE FUNCTION app_public.create_api_key(user_id uuid, name text DEFAULT 'default'::text, environment text DEFAULT 'live'::text, expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS app_public.created_api_key
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_secret text;
+  v_key app_public.api_keys;
+  v_result app_public.created_api_key;
+begin
+  if not app_private.is_admin() and create_api_key.user_id is distinct from app_public.current_user_id() then
+    raise exception 'only admins may create keys for other users' using errcode = '42501';
+  end if;
+  if create_api_key.environment not in ('live', 'test') then
+    raise exception 'environment must be live or test, got %', create_api_key.environment using errcode = '22023';
+  end if;
+  if not exists (select 1 from app_public.users u where u.id = create_api_key.user_id) then
+    raise exception 'user % does not exist', create_api_key.user_id using errcode = '23503';
+  end if;
+  -- kt_<env>_ and 64 hex digits from two random UUIDs (244 random bits).
+  v_secret := 'kt_' || create_api_key.environment || '_'
+    || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
+  insert into app_public.api_keys (user_id, name, prefix, last4, environment, source, expires_at)
+    values (create_api_key.user_id, coalesce(create_api_key.name, 'default'),
+            left(v_secret, 12), right(v_secret, 4), create_api_key.environment, 'created', create_api_key.expires_at)
+    returning * into v_key;
+  insert into app_private.api_key_secrets (api_key_id, key_hash)
+    values (v_key.id, app_public.api_key_hash(v_secret));
+  v_result := row(v_key.id, v_key.user_id, v_key.name, v_key.prefix, v_key.environment, v_key.expires_at, v_secret);
+  return v_result;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
+-- comment: Creates an API key for a user and returns it with its secret, once (kt_live_... or kt_test_...). Only the SHA-256 is stored. Admins may create keys for anyone, a user only for themselves.
+
+CREATE OR REPLACE FUNCTION app_public.current_user_id()
+ RETURNS uuid
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ select nullif(current_setting('keytrack.user_id', true), '')::uuid $function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
+-- comment: @behavior -queryField
+The id of the user whose API key authenticated this request (the keytrack.user_id setting), or NULL.
+
+CREATE OR REPLACE FUNCTION app_public.import_api_key(user_id uuid, key_hash bytea, name text DEFAULT 'imported'::text, environment text DEFAULT 'live'::text, prefix text DEFAULT NULL::text, last4 text DEFAULT NULL::text, expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
+ RETURNS app_public.api_keys
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_key app_public.api_keys;
+begin
+  if not app_private.is_admin() then
+    raise exception 'only admins may import keys' using errcode = '42501';
+  end if;
+  if import_api_key.key_hash is null or octet_length(import_api_key.key_hash) <> 32 then
+    raise exception 'key_hash must be the 32-byte SHA-256 of the key (sha256(convert_to(key, ''UTF8'')))' using errcode = '22023';
+  end if;
+  if import_api_key.environment not in ('live', 'test') then
+    raise exception 'environment must be live or test, got %', import_api_key.environment using errcode = '22023';
+  end if;
+  if exists (select 1 from app_private.api_key_secrets s where s.key_hash = import_api_key.key_hash) then
+    raise exception 'a key with this hash is already registered' using errcode = '23505';
+  end if;
+  insert into app_public.api_keys (user_id, name, prefix, last4, environment, source, expires_at)
+    values (import_api_key.user_id, coalesce(import_api_key.name, 'imported'), import_api_key.prefix,
+            import_api_key.last4, import_api_key.environment, 'imported', import_api_key.expires_at)
+    returning * into v_key;
+  insert into app_private.api_key_secrets (api_key_id, key_hash) values (v_key.id, import_api_key.key_hash);
+  return v_key;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: Registers a key issued by another system by its hash (sha256(convert_to(key, 'UTF8'))), for gateways that bring their own keys. Admins only.
+
+CREATE OR REPLACE FUNCTION app_public.revoke_api_key(api_key_id uuid)
+ RETURNS app_public.api_keys
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_key app_public.api_keys;
+begin
+  select * into v_key from app_public.api_keys k where k.id = revoke_api_key.api_key_id for update;
+  if not found or not (app_private.is_admin() or v_key.user_id = app_public.current_user_id()) then
+    raise exception 'api key % not found', revoke_api_key.api_key_id using errcode = 'P0002';
+  end if;
+  update app_public.api_keys k set revoked_at = coalesce(k.revoked_at, now())
+    where k.id = revoke_api_key.api_key_id
+    returning * into v_key;
+  return v_key;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
+-- comment: Revokes a key: it stops authenticating at once, but the row stays so requests it made stay attributed. Revoking twice keeps the first revocation time. Admins, or the key's owner.

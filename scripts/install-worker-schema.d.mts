@@ -1,0 +1,1 @@
+export declare function installWorkerSchema(connectionString: string): Promise<void>;

@@ -1,0 +1,279 @@
+/**
+ * Settings, parsed and validated once at start-up from the environment.
+ * A missing or bad setting names itself (ConfigError) and the process stops.
+ */
+import path from "node:path";
+
+import { LOG_LEVELS, type LogLevel } from "./log.js";
+
+export class ConfigError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "ConfigError";
+  }
+}
+
+export type AppEnv = "development" | "test" | "production";
+const APP_ENVS: readonly AppEnv[] = ["development", "test", "production"];
+
+/** The connection strings the service needs; all derived from DATABASE_URL when not given. */
+export interface DatabaseUrls {
+  /** The owner's connection (migrations, security definer calls, health). */
+  databaseUrl: string;
+  /** The login PostGraphile uses for requests (NOINHERIT authenticator). */
+  authDatabaseUrl: string;
+  /** A superuser connection to a maintenance database (creates roles and the database). */
+  rootDatabaseUrl: string;
+  /** graphile-migrate's shadow database. */
+  shadowDatabaseUrl: string;
+  /** A replica for reads; null means the primary. */
+  readDatabaseUrl: string | null;
+}
+
+export interface Config {
+  /** Null when DATABASE_URL is unset: the embedded PostgreSQL fills it in (see withDatabaseUrls). */
+  readonly db: Readonly<DatabaseUrls> | null;
+  /** Explicit overrides from the environment, kept so embedded mode can apply them too. */
+  readonly dbOverrides: Readonly<Partial<DatabaseUrls>>;
+  readonly dataDir: string;
+  readonly embeddedPgPort: number;
+  readonly port: number;
+  readonly host: string;
+  readonly appEnv: AppEnv;
+  readonly adminApiKey: string | null;
+  readonly allowAnonymous: boolean;
+  readonly upstreamBaseUrl: string | null;
+  readonly upstreamApiKey: string | null;
+  readonly metricsToken: string | null;
+  readonly retentionDays: number | null;
+  readonly worker: boolean;
+  readonly logLevel: LogLevel;
+  /** As given (e.g. "1mb"), for body parsers. */
+  readonly bodyLimit: string;
+  readonly bodyLimitBytes: number;
+}
+
+/** A Config whose database URLs are known (external server, or embedded one started). */
+export type ConnectedConfig = Config & { readonly db: Readonly<DatabaseUrls> };
+
+export const AUTHENTICATOR_ROLE = "keytrack_authenticator";
+
+// ---------------------------------------------------------------------------
+// PostgreSQL URL helpers. `postgres://user@/db?host=/socket/dir` (empty host,
+// as libpq and pg-connection-string accept) is not a valid WHATWG URL, so a
+// placeholder host is swapped in while parsing, as pg-connection-string does.
+
+const DUMMY_HOST = "keytrack-empty-host.invalid";
+
+function parsePgUrl(raw: string): URL {
+  if (!/^postgres(ql)?:\/\//i.test(raw)) throw new TypeError("not a postgres:// or postgresql:// URL");
+  let url: URL;
+  try {
+    url = new URL(raw);
+  } catch {
+    url = new URL(raw.replace(/^(postgres(?:ql)?:\/\/(?:[^@/]*@)?)\//i, `$1${DUMMY_HOST}/`));
+  }
+  return url;
+}
+
+function formatPgUrl(url: URL): string {
+  return url.toString().replace(`@${DUMMY_HOST}/`, "@/").replace(`//${DUMMY_HOST}/`, "///");
+}
+
+/** The database name in a postgres URL ("" if none). */
+export function databaseNameOf(raw: string): string {
+  const url = parsePgUrl(raw);
+  return decodeURIComponent(url.pathname.replace(/^\//, "")) || url.searchParams.get("dbname") || "";
+}
+
+export function withDatabaseName(raw: string, name: string): string {
+  const url = parsePgUrl(raw);
+  url.pathname = "/" + encodeURIComponent(name);
+  if (url.searchParams.has("dbname")) url.searchParams.delete("dbname");
+  return formatPgUrl(url);
+}
+
+export function withUser(raw: string, user: string, password: string | null = null): string {
+  const url = parsePgUrl(raw);
+  url.username = encodeURIComponent(user);
+  url.password = password === null ? "" : encodeURIComponent(password);
+  if (url.searchParams.has("user")) url.searchParams.set("user", user);
+  if (url.searchParams.has("password")) url.searchParams.delete("password");
+  return formatPgUrl(url);
+}
+
+/** For logs: the URL with its password replaced. */
+export function redactUrl(raw: string): string {
+  try {
+    const url = parsePgUrl(raw);
+    if (url.password) url.password = "***";
+    if (url.searchParams.has("password")) url.searchParams.set("password", "***");
+    return formatPgUrl(url);
+  } catch {
+    return "<unparseable url>";
+  }
+}
+
+// ---------------------------------------------------------------------------
+
+type Env = NodeJS.ProcessEnv;
+
+function str(env: Env, name: string): string | null {
+  const value = env[name];
+  if (value === undefined) return null;
+  const trimmed = value.trim();
+  return trimmed === "" ? null : trimmed;
+}
+
+function pgUrl(env: Env, name: string): string | null {
+  const value = str(env, name);
+  if (value === null) return null;
+  try {
+    const url = parsePgUrl(value);
+    if (!databaseNameOf(value) && !url.searchParams.get("dbname")) {
+      throw new TypeError("it names no database");
+    }
+  } catch (e) {
+    const why = e instanceof TypeError && e.message ? e.message : "not a valid URL";
+    throw new ConfigError(`${name} must be a postgres:// or postgresql:// URL naming a database (${why})`);
+  }
+  return value;
+}
+
+function int(env: Env, name: string, min: number, max: number, fallback: number | null): number | null {
+  const value = str(env, name);
+  if (value === null) return fallback;
+  if (!/^\d+$/.test(value) || Number(value) < min || Number(value) > max) {
+    throw new ConfigError(`${name} must be an integer ${min}..${max}, got "${value}"`);
+  }
+  return Number(value);
+}
+
+function bool(env: Env, name: string, fallback: boolean): boolean {
+  const value = str(env, name);
+  if (value === null) return fallback;
+  switch (value.toLowerCase()) {
+    case "true":
+    case "1":
+      return true;
+    case "false":
+    case "0":
+      return false;
+    default:
+      throw new ConfigError(`${name} must be one of true, false, 1, 0, got "${value}"`);
+  }
+}
+
+function oneOf<T extends string>(env: Env, name: string, allowed: readonly T[], fallback: T): T {
+  const value = str(env, name);
+  if (value === null) return fallback;
+  if (!(allowed as readonly string[]).includes(value)) {
+    throw new ConfigError(`${name} must be one of ${allowed.join(", ")}, got "${value}"`);
+  }
+  return value as T;
+}
+
+function httpUrl(env: Env, name: string): string | null {
+  const value = str(env, name);
+  if (value === null) return null;
+  let url: URL;
+  try {
+    url = new URL(value);
+  } catch {
+    throw new ConfigError(`${name} must be an http:// or https:// URL, got "${value}"`);
+  }
+  if (url.protocol !== "http:" && url.protocol !== "https:") {
+    throw new ConfigError(`${name} must be an http:// or https:// URL, got "${value}"`);
+  }
+  return value.replace(/\/+$/, "");
+}
+
+const SIZE_UNITS: Record<string, number> = { b: 1, kb: 1024, mb: 1024 ** 2, gb: 1024 ** 3 };
+
+/** "1mb" -> 1048576, the units body-parser (bytes) understands. */
+export function parseByteSize(value: string): number | null {
+  const m = /^(\d+(?:\.\d+)?)\s*(b|kb|mb|gb)?$/i.exec(value.trim());
+  if (!m) return null;
+  const bytes = Math.floor(Number(m[1]) * SIZE_UNITS[(m[2] ?? "b").toLowerCase()]!);
+  return bytes > 0 ? bytes : null;
+}
+
+/** Fills in the connection strings not given, from DATABASE_URL. */
+export function deriveDatabaseUrls(databaseUrl: string, overrides: Partial<DatabaseUrls> = {}): DatabaseUrls {
+  return {
+    databaseUrl,
+    authDatabaseUrl: overrides.authDatabaseUrl ?? withUser(databaseUrl, AUTHENTICATOR_ROLE),
+    rootDatabaseUrl: overrides.rootDatabaseUrl ?? withDatabaseName(databaseUrl, "postgres"),
+    shadowDatabaseUrl:
+      overrides.shadowDatabaseUrl ?? withDatabaseName(databaseUrl, `${databaseNameOf(databaseUrl)}_shadow`),
+    readDatabaseUrl: overrides.readDatabaseUrl ?? null,
+  };
+}
+
+/**
+ * Returns a copy of `config` with its database URLs set: used by the embedded
+ * mode once the cluster runs. URLs set explicitly in the environment win.
+ */
+export function withDatabaseUrls(
+  config: Config,
+  urls: { databaseUrl: string } & Partial<DatabaseUrls>,
+): ConnectedConfig {
+  const given = Object.fromEntries(Object.entries(urls).filter(([, v]) => v != null)) as Partial<DatabaseUrls>;
+  const merged = { ...given, ...config.dbOverrides };
+  return { ...config, db: deriveDatabaseUrls(urls.databaseUrl, merged) };
+}
+
+export function isConnected(config: Config): config is ConnectedConfig {
+  return config.db !== null;
+}
+
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const appEnv = oneOf(env, "APP_ENV", APP_ENVS, "development");
+
+  const databaseUrl = pgUrl(env, "DATABASE_URL");
+  const overrides: Partial<DatabaseUrls> = {};
+  const auth = pgUrl(env, "AUTH_DATABASE_URL");
+  const root = pgUrl(env, "ROOT_DATABASE_URL");
+  const shadow = pgUrl(env, "SHADOW_DATABASE_URL");
+  const read = pgUrl(env, "READ_DATABASE_URL");
+  if (auth) overrides.authDatabaseUrl = auth;
+  if (root) overrides.rootDatabaseUrl = root;
+  if (shadow) overrides.shadowDatabaseUrl = shadow;
+  if (read) overrides.readDatabaseUrl = read;
+
+  const adminApiKey = str(env, "ADMIN_API_KEY");
+  if (adminApiKey !== null) {
+    const min = appEnv === "production" ? 32 : 8;
+    if (adminApiKey.length < min) {
+      throw new ConfigError(
+        `ADMIN_API_KEY must be at least ${min} characters when APP_ENV=${appEnv}, got ${adminApiKey.length}`,
+      );
+    }
+  }
+
+  const bodyLimit = str(env, "BODY_LIMIT") ?? "1mb";
+  const bodyLimitBytes = parseByteSize(bodyLimit);
+  if (bodyLimitBytes === null) {
+    throw new ConfigError(`BODY_LIMIT must be a size such as 100kb or 1mb, got "${bodyLimit}"`);
+  }
+
+  return {
+    db: databaseUrl ? deriveDatabaseUrls(databaseUrl, overrides) : null,
+    dbOverrides: overrides,
+    dataDir: path.resolve(str(env, "KEYTRACK_DATA_DIR") ?? "./.keytrack"),
+    embeddedPgPort: int(env, "EMBEDDED_PG_PORT", 1, 65535, 54329)!,
+    port: int(env, "PORT", 1, 65535, 8000)!,
+    host: str(env, "HOST") ?? "0.0.0.0",
+    appEnv,
+    adminApiKey,
+    allowAnonymous: bool(env, "ALLOW_ANONYMOUS", appEnv === "development"),
+    upstreamBaseUrl: httpUrl(env, "UPSTREAM_BASE_URL"),
+    upstreamApiKey: str(env, "UPSTREAM_API_KEY"),
+    metricsToken: str(env, "METRICS_TOKEN"),
+    retentionDays: int(env, "RETENTION_DAYS", 1, 1_000_000, null),
+    worker: bool(env, "WORKER", true),
+    logLevel: oneOf(env, "LOG_LEVEL", LOG_LEVELS, "info"),
+    bodyLimit,
+    bodyLimitBytes,
+  };
+}

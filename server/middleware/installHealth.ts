@@ -1,0 +1,38 @@
+/** GET /health: is the process up, and does the database answer (owner pool, 2 s budget)? */
+import type express from "express";
+
+import type { AppContext } from "../app.js";
+
+const TIMEOUT_MS = 2000;
+
+async function pingWithin(ctx: AppContext, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no answer within ${ms} ms`)), ms);
+  });
+  try {
+    await Promise.race([ctx.pools.owner.query("select 1"), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+function shortMessage(err: unknown): string {
+  const message = err instanceof Error ? err.message : String(err);
+  const code = (err as { code?: unknown } | null)?.code;
+  const text = typeof code === "string" && !message.includes(code) ? `${code}: ${message}` : message;
+  return text.split("\n")[0]!.slice(0, 200);
+}
+
+export function installHealth(app: express.Express, ctx: AppContext): void {
+  app.get("/health", async (_req, res) => {
+    res.set("Cache-Control", "no-store");
+    try {
+      await pingWithin(ctx, TIMEOUT_MS);
+      res.status(200).json({ status: "ok", database: "ok" });
+    } catch (err) {
+      ctx.log.warn("health check: database unreachable", { error: err });
+      res.status(503).json({ status: "error", database: "unreachable", error: shortMessage(err) });
+    }
+  });
+}
