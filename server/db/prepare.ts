@@ -75,6 +75,12 @@ export async function ensureDatabase(rootUrl: string, databaseUrl: string, log =
       await client.query(`create database ${pg.escapeIdentifier(database)} owner ${pg.escapeIdentifier(user)}`);
     }
   });
+  await applyDatabasePrivileges(rootUrl, databaseUrl);
+}
+
+/** afterReset.sql on one database: its privileges (not copied when a database is cloned from a template). */
+export async function applyDatabasePrivileges(rootUrl: string, databaseUrl: string): Promise<void> {
+  const { database, user } = databaseOf(databaseUrl);
   const privileges = await readSetupSql("afterReset.sql", database, user);
   await withClient(withDatabase(rootUrl, database), (client) => client.query(privileges));
 }

@@ -1,0 +1,103 @@
+// `npm test`: prepares a migrated template database, runs ava over tests/, and
+// prints the closing line `ava: N passed, N failed` (exit 1 on any failure).
+//
+// The PostgreSQL is TEST_DATABASE_URL (a superuser connection, e.g.
+// postgres://postgres@127.0.0.1:5432/postgres) when set; otherwise an embedded
+// PostgreSQL is started in a temporary folder for the run and removed after.
+// Each test file clones the template into a database of its own, so files run
+// in parallel without seeing each other's rows.
+import { spawn } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import pg from "pg";
+import { prepareDatabase, withDatabase } from "../server/db/prepare.js";
+import { startEmbeddedPostgres } from "../server/db/embedded.js";
+import { projectRoot } from "../server/db/projectRoot.js";
+
+const runId = `${process.pid}_${Date.now().toString(36)}`;
+const template = `kt_template_${runId}`;
+
+async function main(): Promise<number> {
+  let rootUrl = process.env.TEST_DATABASE_URL;
+  let stopEmbedded: (() => Promise<void>) | undefined;
+  let embeddedDir: string | undefined;
+  if (!rootUrl) {
+    embeddedDir = await mkdtemp(path.join(os.tmpdir(), "keytrack-test-"));
+    const port = 20000 + Math.floor(Math.random() * 20000);
+    console.log(`# TEST_DATABASE_URL unset: starting an embedded PostgreSQL (${embeddedDir}, port ${port})`);
+    const embedded = await startEmbeddedPostgres({ dataDir: embeddedDir, port });
+    rootUrl = embedded.rootUrl;
+    stopEmbedded = embedded.stop;
+  }
+  const ownerUrl = (() => {
+    const u = new URL(withDatabase(rootUrl, template));
+    u.username = "keytrack_owner";
+    u.password = "";
+    return u.toString();
+  })();
+  try {
+    await prepareDatabase({ rootUrl, databaseUrl: ownerUrl });
+    // Cloning needs a template nobody is connected to; mark it as one.
+    await withRoot(rootUrl, (c) => c.query(`alter database ${pg.escapeIdentifier(template)} is_template true`));
+    return await runAva({ ...process.env, KEYTRACK_TEST_ROOT_URL: rootUrl, KEYTRACK_TEST_TEMPLATE: template, KEYTRACK_TEST_RUN: runId });
+  } finally {
+    await withRoot(rootUrl, async (c) => {
+      const { rows } = await c.query("select datname from pg_database where datname like $1", [`kt_%${runId}%`]);
+      for (const { datname } of rows) {
+        await c.query(`alter database ${pg.escapeIdentifier(datname)} is_template false`);
+        await c.query(`drop database if exists ${pg.escapeIdentifier(datname)} with (force)`);
+      }
+    }).catch((err) => console.error(`# cleanup failed: ${err.message}`));
+    if (stopEmbedded) await stopEmbedded();
+    if (embeddedDir) await rm(embeddedDir, { recursive: true, force: true });
+  }
+}
+
+async function withRoot<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
+  const client = new pg.Client({ connectionString: url });
+  await client.connect();
+  try {
+    return await fn(client);
+  } finally {
+    await client.end();
+  }
+}
+
+function runAva(env: NodeJS.ProcessEnv): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const args = [path.join(projectRoot, "node_modules/ava/entrypoints/cli.mjs"), "--tap", ...process.argv.slice(2)];
+    const child = spawn(process.execPath, args, { cwd: projectRoot, env, stdio: ["ignore", "pipe", "inherit"] });
+    let passed = 0, failed = 0, seen = false, buffer = "";
+    child.stdout.on("data", (chunk: Buffer) => {
+      process.stdout.write(chunk);
+      buffer += chunk.toString("utf8");
+      let nl;
+      while ((nl = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, nl);
+        buffer = buffer.slice(nl + 1);
+        const m = /^# (pass|fail) (\d+)/.exec(line);
+        if (m) {
+          seen = true;
+          if (m[1] === "pass") passed = Number(m[2]);
+          else failed = Number(m[2]);
+        }
+      }
+    });
+    child.on("error", reject);
+    child.on("close", (code) => {
+      if (!seen && code !== 0) failed = Math.max(failed, 1);
+      console.log(`ava: ${passed} passed, ${failed} failed`);
+      resolve(code === 0 && failed === 0 && passed > 0 ? 0 : 1);
+    });
+  });
+}
+
+main().then(
+  (code) => process.exit(code),
+  (err) => {
+    console.error(`npm test: ${err.stack ?? err}`);
+    console.log("ava: 0 passed, 1 failed");
+    process.exit(1);
+  },
+);
