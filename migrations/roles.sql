@@ -6,6 +6,11 @@
 -- `reset` (before afterReset.sql), and the service runs both, with the same
 -- placeholders, before `migrate`. Every statement is idempotent.
 
+-- Several processes may prepare databases at once (tests, a second replica):
+-- take turns, and change a role only when it differs, so that concurrent runs
+-- never update the same catalog row.
+select pg_advisory_xact_lock(hashtext('keytrack roles.sql'));
+
 do $$
 begin
   -- Owns the schema: migrations run as this role.
@@ -33,15 +38,28 @@ begin
 end
 $$;
 
-alter role keytrack_authenticator noinherit;
-grant keytrack_admin to keytrack_authenticator;
-grant keytrack_user to keytrack_authenticator;
-
--- The analyst's search_path makes the spec's SQL (which names
--- chat_completion_requests and api_key_tracking_quality unqualified) run verbatim,
--- and every transaction of theirs is read-only.
-alter role keytrack_analyst set search_path = app_public, public;
-alter role keytrack_analyst set default_transaction_read_only = on;
+do $$
+begin
+  if (select rolinherit from pg_roles where rolname = 'keytrack_authenticator') then
+    alter role keytrack_authenticator noinherit;
+  end if;
+  if not pg_has_role('keytrack_authenticator', 'keytrack_admin', 'MEMBER') then
+    grant keytrack_admin to keytrack_authenticator;
+  end if;
+  if not pg_has_role('keytrack_authenticator', 'keytrack_user', 'MEMBER') then
+    grant keytrack_user to keytrack_authenticator;
+  end if;
+  -- The analyst's search_path makes the spec's SQL (which names
+  -- chat_completion_requests and api_key_tracking_quality unqualified) run
+  -- verbatim, and every transaction of theirs is read-only.
+  if not exists (select 1 from pg_db_role_setting s join pg_roles r on r.oid = s.setrole
+                  where r.rolname = 'keytrack_analyst' and s.setdatabase = 0
+                    and s.setconfig @> array['search_path=app_public, public', 'default_transaction_read_only=on']) then
+    alter role keytrack_analyst set search_path = app_public, public;
+    alter role keytrack_analyst set default_transaction_read_only = on;
+  end if;
+end
+$$;
 
 -- The owner administers what it owns: it may act as an admin in SQL (psql, the
 -- worker) without switching roles.
