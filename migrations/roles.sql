@@ -63,4 +63,10 @@ $$;
 
 -- The owner administers what it owns: it may act as an admin in SQL (psql, the
 -- worker) without switching roles.
-grant keytrack_admin to :DATABASE_OWNER;
+do $$
+begin
+  if not pg_has_role(':DATABASE_OWNER', 'keytrack_admin', 'MEMBER') then
+    grant keytrack_admin to :DATABASE_OWNER;
+  end if;
+end
+$$;

@@ -7,7 +7,7 @@
 // Each test file clones the template into a database of its own, so files run
 // in parallel without seeing each other's rows.
 import { spawn } from "node:child_process";
-import { mkdtemp, rm } from "node:fs/promises";
+import { chmod, mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import pg from "pg";
@@ -24,6 +24,8 @@ async function main(): Promise<number> {
   let embeddedDir: string | undefined;
   if (!rootUrl) {
     embeddedDir = await mkdtemp(path.join(os.tmpdir(), "keytrack-test-"));
+    // When run as root, PostgreSQL runs as the postgres user, who must reach the folder.
+    await chmod(embeddedDir, 0o755);
     const port = 20000 + Math.floor(Math.random() * 20000);
     console.log(`# TEST_DATABASE_URL unset: starting an embedded PostgreSQL (${embeddedDir}, port ${port})`);
     const embedded = await startEmbeddedPostgres({ dataDir: embeddedDir, port });

