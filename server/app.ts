@@ -13,6 +13,7 @@ import type { PostGraphileInstance } from "postgraphile";
 import type { ConnectedConfig } from "./config.js";
 import type { Pools } from "./db/pools.js";
 import type { Logger } from "./log.js";
+import type { Recorder } from "./recording/types.js";
 import { installAdminAuth } from "./middleware/installAdminAuth.js";
 import { installErrorHandler } from "./middleware/installErrorHandler.js";
 import { installHealth } from "./middleware/installHealth.js";
@@ -22,6 +23,8 @@ export interface AppContext {
   config: ConnectedConfig;
   pools: Pools;
   log: Logger;
+  /** The one recording path for request rows (retry, spool, replay). */
+  recorder: Recorder;
 }
 
 /** A route group added by another module (metrics, monitoring, chat), mounted before the 404 handler. */

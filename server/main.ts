@@ -14,6 +14,7 @@ import { type Config, type ConnectedConfig, isConnected, redactUrl, withDatabase
 import { startEmbeddedPostgres, type EmbeddedPostgres } from "./db/embedded.js";
 import { closePools, createPools } from "./db/pools.js";
 import { prepareDatabase } from "./db/prepare.js";
+import { createRecorder } from "./recording/recorder.js";
 import { createLogger, type Logger } from "./log.js";
 
 export interface StartServerOptions {
@@ -81,7 +82,10 @@ export async function startServer(config: Config, options: StartServerOptions = 
     const pools = createPools(connected.db, log);
     undo.push(() => closePools(pools));
 
-    const app = await makeApp({ config: connected, pools, log }, { installers: options.installers });
+    const recorder = createRecorder({ pool: pools.owner, dataDir: connected.dataDir, log: log.child({ component: "recorder" }) });
+    undo.push(() => recorder.close());
+
+    const app = await makeApp({ config: connected, pools, log, recorder }, { installers: options.installers });
     undo.push(() => app.close());
 
     const server = http.createServer(app.app);
