@@ -15,6 +15,15 @@
 
 -- default privileges in (all) for f: keytrack_owner=X/keytrack_owner
 
+create type app_private.attribution_retry_result as (
+  examined integer,  -- Due pending rows looked at.
+  resolved integer,  -- Rows whose key was found: now resolved (method retry).
+  failed integer,  -- Rows that reached the attempt limit: now failed (reason not_found).
+  still_pending integer,  -- Rows left pending, due again later.
+  next_attempt_at timestamp with time zone  -- When the earliest pending row is due next (NULL: none pending).
+);
+-- comment: What one run of resolve_pending_attributions() did.
+
 create type app_private.authenticated_api_key as (
   api_key_id uuid,  -- The key, or NULL when no key has this hash.
   user_id uuid,  -- The key's owner.
@@ -57,7 +66,8 @@ create table app_partitions.chat_completion_requests_default partition (DEFAULT)
   attribution_attempts integer not null default 0,  -- How many times the key was looked up for this row.
   attribution_next_attempt_at timestamp with time zone,  -- When a pending row is due to be looked up again.
   attribution_error text,  -- The last error met while attributing this row, for diagnosis.
-  attributed_at timestamp with time zone  -- When api_key_id was set.
+  attributed_at timestamp with time zone,  -- When api_key_id was set.
+  spooled_at timestamp with time zone  -- When the service could not reach the database and wrote this row to its durable local spool; the row was replayed later. NULL for rows written directly.
 );
 -- row level security: enabled
 -- acl: (default)
@@ -80,6 +90,7 @@ constraint chat_completion_requests_request_id_check CHECK (length(request_id) >
 constraint chat_completion_requests_status_check CHECK (status = ANY (ARRAY['completed'::text, 'failed'::text, 'partial'::text]));
 constraint chat_completion_requests_user_id_fkey FOREIGN KEY (user_id) REFERENCES app_public.users(id) ON DELETE RESTRICT;
 CREATE INDEX chat_completion_requests_defaul_attribution_next_attempt_at_idx ON app_partitions.chat_completion_requests_default USING btree (attribution_next_attempt_at) WHERE (attribution_status = 'pending'::text);
+CREATE INDEX chat_completion_requests_default_api_key_hash_idx ON app_partitions.chat_completion_requests_default USING btree (api_key_hash) WHERE (attribution_status = 'pending'::text);
 CREATE INDEX chat_completion_requests_default_api_key_id_idx ON app_partitions.chat_completion_requests_default USING btree (api_key_id);
 CREATE INDEX chat_completion_requests_default_created_at_idx ON app_partitions.chat_completion_requests_default USING btree (created_at);
 CREATE INDEX chat_completion_requests_default_is_anonymous_idx ON app_partitions.chat_completion_requests_default USING btree (is_anonymous);
@@ -171,6 +182,35 @@ policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- 
 policy select_own for r to keytrack_user using ((user_id = app_public.current_user_id()));  -- A user sees only their own keys.
 policy update_admin for w to keytrack_admin using (true);  -- Admins rename keys and change their expiry.
 
+create table app_public.attribution_backfills (
+  id bigint not null generated always as identity,  -- Primary key.
+  status text not null default 'running'::text,  -- `running` (at most one at a time), `finished` or `cancelled`.
+  batch_size integer not null default 1000,  -- Rows per batch; each batch is one short transaction.
+  upto timestamp with time zone not null default now(),  -- Only rows created before this instant (the start) are examined; newer rows are attributed at insert.
+  cursor_created_at timestamp with time zone,  -- Resume point: created_at of the last row examined.
+  cursor_id bigint,  -- Resume point: id of the last row examined.
+  examined bigint not null default 0,  -- Rows without api_key_id looked at so far.
+  filled bigint not null default 0,  -- Rows whose api_key_id was filled (method backfill).
+  ambiguous bigint not null default 0,  -- Rows left NULL because their user had several keys alive at the time (reason ambiguous).
+  no_key bigint not null default 0,  -- Rows left NULL because their user had no key alive at the time (reason no_key).
+  anonymized bigint not null default 0,  -- Rows with neither key nor user flagged is_anonymous (as the spec's migration did).
+  batches integer not null default 0,  -- Batches run so far.
+  started_by text not null default CURRENT_USER,  -- The database role that started the run.
+  started_at timestamp with time zone not null default now(),  -- When the run started.
+  updated_at timestamp with time zone not null default now(),  -- When the last batch ran.
+  finished_at timestamp with time zone  -- When the run finished or was cancelled.
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner
+-- comment: @behavior -insert -update -delete
+Runs of the attribution backfill: fills api_key_id of historical rows from their key hash, or from the user's only key alive at the time; flags rows with neither key nor user anonymous. Batched and resumable; start one with start_attribution_backfill().
+constraint attribution_backfills_batch_size_check CHECK (batch_size >= 1 AND batch_size <= 100000);
+constraint attribution_backfills_pkey PRIMARY KEY (id);
+constraint attribution_backfills_status_check CHECK (status = ANY (ARRAY['running'::text, 'finished'::text, 'cancelled'::text]));
+CREATE UNIQUE INDEX attribution_backfills_one_running_idx ON app_public.attribution_backfills USING btree ((true)) WHERE (status = 'running'::text);
+CREATE UNIQUE INDEX attribution_backfills_pkey ON app_public.attribution_backfills USING btree (id);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see backfill runs.
+
 create table app_public.chat_completion_requests (
   id bigint not null generated by default as identity,  -- Row number, unique with created_at (the partition key).
   request_id text not null default (gen_random_uuid())::text,  -- The request's id, unique across the ledger: re-inserting a request with the same request_id is ignored (idempotent re-delivery).
@@ -192,7 +232,8 @@ create table app_public.chat_completion_requests (
   attribution_attempts integer not null default 0,  -- How many times the key was looked up for this row.
   attribution_next_attempt_at timestamp with time zone,  -- When a pending row is due to be looked up again.
   attribution_error text,  -- The last error met while attributing this row, for diagnosis.
-  attributed_at timestamp with time zone  -- When api_key_id was set.
+  attributed_at timestamp with time zone,  -- When api_key_id was set.
+  spooled_at timestamp with time zone  -- When the service could not reach the database and wrote this row to its durable local spool; the row was replayed later. NULL for rows written directly.
 ) partition by RANGE (created_at);
 -- row level security: enabled
 -- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
@@ -217,6 +258,7 @@ constraint chat_completion_requests_status_check CHECK (status = ANY (ARRAY['com
 constraint chat_completion_requests_user_id_fkey FOREIGN KEY (user_id) REFERENCES app_public.users(id) ON DELETE RESTRICT;
 CREATE INDEX chat_completion_requests_api_key_id_idx ON ONLY app_public.chat_completion_requests USING btree (api_key_id);
 CREATE INDEX chat_completion_requests_created_at_idx ON ONLY app_public.chat_completion_requests USING btree (created_at);
+CREATE INDEX chat_completion_requests_pending_hash_idx ON ONLY app_public.chat_completion_requests USING btree (api_key_hash) WHERE (attribution_status = 'pending'::text);
 CREATE INDEX chat_completion_requests_pending_idx ON ONLY app_public.chat_completion_requests USING btree (attribution_next_attempt_at) WHERE (attribution_status = 'pending'::text);
 CREATE UNIQUE INDEX chat_completion_requests_pkey ON ONLY app_public.chat_completion_requests USING btree (id, created_at);
 CREATE INDEX chat_completion_requests_request_id_idx ON ONLY app_public.chat_completion_requests USING btree (request_id);
@@ -343,6 +385,42 @@ $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: Comments a partition of chat_completion_requests and copies the parent's column comments onto it, so \d+ on a partition explains itself too.
 
+CREATE OR REPLACE FUNCTION app_private.get_or_create_dev_api_key()
+ RETURNS text
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_user_id uuid;
+  v_key text;
+  v_revoked timestamptz;
+  v_key_id uuid;
+begin
+  -- Two service processes starting at once create one user and one key.
+  perform pg_advisory_xact_lock(hashtext('keytrack get_or_create_dev_api_key'));
+  insert into app_public.users (email, display_name, role)
+    values ('dev@localhost', 'Local development', 'user')
+    on conflict ((lower(email))) do nothing;
+  select u.id into v_user_id from app_public.users u where lower(u.email) = 'dev@localhost';
+  v_key := 'dev_local_' || v_user_id || '_local_development';
+  select k.id, k.revoked_at into v_key_id, v_revoked
+    from app_private.api_key_secrets s join app_public.api_keys k on k.id = s.api_key_id
+   where s.key_hash = app_public.api_key_hash(v_key);
+  if v_key_id is null then
+    insert into app_public.api_keys (user_id, name, prefix, last4, environment, source)
+      values (v_user_id, 'development', left(v_key, 12), right(v_key, 4), 'development', 'created')
+      returning id into v_key_id;
+    insert into app_private.api_key_secrets (api_key_id, key_hash) values (v_key_id, app_public.api_key_hash(v_key));
+  elsif v_revoked is not null then
+    raise exception 'the development key % was revoked at %', left(v_key, 12) || '...', v_revoked
+      using errcode = '28000', hint = 'Un-revoke it (update app_public.api_keys set revoked_at = null) or delete dev@localhost''s key and restart.';
+  end if;
+  return v_key;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: The spec's development key: creates, once, the user dev@localhost and the real key dev_local_{user_id}_local_development (stored hashed, environment development) and returns the key. Raises 28000 when that key was revoked. Called by the service at start-up with APP_ENV=development only.
+
 CREATE OR REPLACE FUNCTION app_private.is_admin()
  RETURNS boolean
  LANGUAGE sql
@@ -355,6 +433,209 @@ AS $function$
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: True when the calling role (the role setting, or the session user when none is set) has the privileges of keytrack_admin: the service maps ADMIN_API_KEY and admin users to it; the owner and superusers count too. Correct inside security definer functions.
+
+CREATE OR REPLACE FUNCTION app_private.resolve_pending_attributions(batch_size integer DEFAULT 500, max_attempts integer DEFAULT 10, base_delay interval DEFAULT '00:00:01'::interval, max_delay interval DEFAULT '00:10:00'::interval, as_of timestamp with time zone DEFAULT now())
+ RETURNS app_private.attribution_retry_result
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_result app_private.attribution_retry_result;
+begin
+  if batch_size is null or batch_size < 1 or batch_size > 100000 then
+    raise exception 'batch_size must be between 1 and 100000, got %', batch_size using errcode = '22023';
+  end if;
+  if max_attempts is null or max_attempts < 1 or max_attempts > 1000 then
+    raise exception 'max_attempts must be between 1 and 1000, got %', max_attempts using errcode = '22023';
+  end if;
+  if base_delay is null or base_delay <= interval '0' or max_delay is null or max_delay < base_delay then
+    raise exception 'base_delay must be positive and max_delay at least base_delay' using errcode = '22023';
+  end if;
+  with due as (
+    select r.id, r.created_at
+      from app_public.chat_completion_requests r
+     where r.attribution_status = 'pending' and r.attribution_next_attempt_at <= as_of
+     order by r.attribution_next_attempt_at
+     limit batch_size
+     for update skip locked
+  ), looked_up as (
+    select r.id, r.created_at, r.attribution_attempts + 1 as attempts, k.id as key_id, k.user_id as key_user_id
+      from due d
+      join app_public.chat_completion_requests r on r.id = d.id and r.created_at = d.created_at
+      left join app_private.api_key_secrets s on s.key_hash = r.api_key_hash
+      left join app_public.api_keys k on k.id = s.api_key_id
+  ), updated as (
+    update app_public.chat_completion_requests r set
+      api_key_id = l.key_id,
+      user_id = coalesce(l.key_user_id, r.user_id),
+      attribution_attempts = l.attempts,
+      attribution_status = case when l.key_id is not null then 'resolved'
+                                when l.attempts >= max_attempts then 'failed'
+                                else 'pending' end,
+      attribution_method = case when l.key_id is not null then 'retry' end,
+      attribution_reason = case when l.key_id is not null then null else 'not_found' end,
+      attribution_error = case when l.key_id is null
+                               then format('no key has this hash (attempt %s of %s)', l.attempts, max_attempts) end,
+      attributed_at = case when l.key_id is not null then as_of end,
+      attribution_next_attempt_at = case when l.key_id is null and l.attempts < max_attempts
+        then as_of + least(max_delay, base_delay * power(2, least(l.attempts - 1, 30))) end
+    from looked_up l
+    where r.id = l.id and r.created_at = l.created_at
+    returning r.attribution_status
+  )
+  select count(*)::int,
+         count(*) filter (where attribution_status = 'resolved')::int,
+         count(*) filter (where attribution_status = 'failed')::int,
+         count(*) filter (where attribution_status = 'pending')::int
+    into v_result.examined, v_result.resolved, v_result.failed, v_result.still_pending
+    from updated;
+  select min(r.attribution_next_attempt_at) into v_result.next_attempt_at
+    from app_public.chat_completion_requests r
+   where r.attribution_status = 'pending';
+  if v_result.next_attempt_at is not null then
+    perform app_private.schedule_attribution_retry(greatest(v_result.next_attempt_at, now()));
+  end if;
+  return v_result;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: The retry worker's body: takes up to batch_size due pending rows (FOR UPDATE SKIP LOCKED, so workers run in parallel safely), looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Reschedules the worker for the next due row. Idempotent.
+
+CREATE OR REPLACE FUNCTION app_private.run_attribution_backfill_batch(backfill_id bigint)
+ RETURNS app_public.attribution_backfills
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_run app_public.attribution_backfills;
+  v_examined integer;
+  v_filled integer;
+  v_ambiguous integer;
+  v_no_key integer;
+  v_anonymized integer;
+  v_last_created_at timestamptz;
+  v_last_id bigint;
+  v_from_created_at timestamptz;
+  v_from_id bigint;
+begin
+  -- One batch at a time per run, whoever runs it (worker or CLI).
+  select * into v_run from app_public.attribution_backfills b where b.id = backfill_id for update;
+  if not found then
+    raise exception 'attribution backfill % does not exist', backfill_id using errcode = 'P0002';
+  end if;
+  if v_run.status <> 'running' then
+    return v_run;
+  end if;
+  v_from_created_at := coalesce(v_run.cursor_created_at, '-infinity'::timestamptz);
+  v_from_id := coalesce(v_run.cursor_id, -1);
+  with batch as (
+    select r.id, r.created_at, r.api_key_hash, r.user_id, r.is_anonymous
+      from app_public.chat_completion_requests r
+     where r.api_key_id is null
+       and r.created_at < v_run.upto
+       and (r.created_at, r.id) > (v_from_created_at, v_from_id)
+     order by r.created_at, r.id
+     limit v_run.batch_size
+     for update
+  ), decided as (
+    select b.id, b.created_at, b.is_anonymous as was_anonymous,
+           by_hash.key_id as hash_key_id, by_hash.user_id as hash_user_id,
+           alive.n as alive_keys, alive.key_id as alive_key_id,
+           case
+             when by_hash.key_id is not null then 'hash'
+             when b.api_key_hash is not null then 'unknown_hash'
+             when b.user_id is not null and alive.n = 1 then 'only_key'
+             when b.user_id is not null and alive.n > 1 then 'ambiguous'
+             when b.user_id is not null then 'no_key'
+             else 'anonymous'
+           end as decision
+      from batch b
+      left join lateral (
+        select k.id as key_id, k.user_id from app_private.api_key_secrets s
+          join app_public.api_keys k on k.id = s.api_key_id
+         where s.key_hash = b.api_key_hash) by_hash on true
+      left join lateral (
+        select count(*) as n, (array_agg(k.id))[1] as key_id from app_public.api_keys k
+         where b.user_id is not null and k.user_id = b.user_id
+           and k.created_at <= b.created_at
+           and (k.revoked_at is null or k.revoked_at > b.created_at)
+           and (k.expires_at is null or k.expires_at > b.created_at)) alive on true
+  ), updated as (
+    update app_public.chat_completion_requests r set
+      api_key_id = case d.decision when 'hash' then d.hash_key_id when 'only_key' then d.alive_key_id end,
+      user_id = case d.decision when 'hash' then d.hash_user_id else r.user_id end,
+      is_anonymous = (d.decision = 'anonymous'),
+      attribution_status = case
+        when d.decision in ('hash', 'only_key') then 'resolved'
+        when d.decision = 'anonymous' then 'anonymous'
+        when d.decision in ('ambiguous', 'no_key') then 'failed'
+        else r.attribution_status end,
+      attribution_method = case when d.decision in ('hash', 'only_key') then 'backfill' end,
+      attribution_reason = case
+        when d.decision in ('hash', 'only_key', 'anonymous') then null
+        when d.decision in ('ambiguous', 'no_key') then d.decision
+        else r.attribution_reason end,
+      attribution_error = case when d.decision = 'ambiguous'
+        then format('the user had %s keys alive at the time', d.alive_keys) else r.attribution_error end,
+      attribution_next_attempt_at = case when d.decision = 'unknown_hash' then r.attribution_next_attempt_at end,
+      attributed_at = case when d.decision in ('hash', 'only_key') then now() end
+    from decided d
+    where r.id = d.id and r.created_at = d.created_at
+    returning d.decision, d.was_anonymous, r.created_at, r.id
+  )
+  select count(*),
+         count(*) filter (where decision in ('hash', 'only_key')),
+         count(*) filter (where decision = 'ambiguous'),
+         count(*) filter (where decision = 'no_key'),
+         count(*) filter (where decision = 'anonymous' and not was_anonymous),
+         (array_agg(created_at order by created_at desc, id desc))[1],
+         (array_agg(id order by created_at desc, id desc))[1]
+    into v_examined, v_filled, v_ambiguous, v_no_key, v_anonymized, v_last_created_at, v_last_id
+    from updated;
+  update app_public.attribution_backfills b set
+    examined = b.examined + v_examined,
+    filled = b.filled + v_filled,
+    ambiguous = b.ambiguous + v_ambiguous,
+    no_key = b.no_key + v_no_key,
+    anonymized = b.anonymized + v_anonymized,
+    batches = b.batches + 1,
+    cursor_created_at = coalesce(v_last_created_at, b.cursor_created_at),
+    cursor_id = coalesce(v_last_id, b.cursor_id),
+    updated_at = now(),
+    status = case when v_examined < b.batch_size then 'finished' else b.status end,
+    finished_at = case when v_examined < b.batch_size then now() end
+  where b.id = backfill_id
+  returning * into v_run;
+  return v_run;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Runs one batch of an attribution backfill (one short transaction): the next batch_size rows without api_key_id created before the run started, in (created_at, id) order from the saved cursor. Fills api_key_id from the key hash, else from the user's only key alive at the request's time (method backfill); leaves ambiguous rows NULL (reason ambiguous) and rows whose user had no key (reason no_key); flags rows with neither key nor user anonymous. Resumable; finishes the run on a short batch.
+
+CREATE OR REPLACE FUNCTION app_private.schedule_attribution_retry(run_at timestamp with time zone DEFAULT now())
+ RETURNS void
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+  if exists (select 1 from graphile_worker.jobs j
+              where j.key = 'chat_completion_requests__resolve_pending'
+                and j.locked_at is null and j.run_at <= schedule_attribution_retry.run_at) then
+    return;
+  end if;
+  perform graphile_worker.add_job(
+    'chat_completion_requests__resolve_pending',
+    '{}'::json,
+    run_at := schedule_attribution_retry.run_at,
+    job_key := 'chat_completion_requests__resolve_pending',
+    max_attempts := 25);
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Schedules the retry worker (task chat_completion_requests__resolve_pending) to run at run_at, unless a run is already due by then.
 
 CREATE OR REPLACE FUNCTION app_private.tg__set_updated_at()
  RETURNS trigger
@@ -377,6 +658,7 @@ declare
   v_key_id uuid;
   v_user_id uuid;
   v_env text;
+  v_declared_reason text := new.attribution_reason;
 begin
   insert into app_private.request_ids (request_id, created_at)
     values (new.request_id, new.created_at)
@@ -401,11 +683,16 @@ begin
       new.attribution_status := 'resolved';
       new.attribution_method := case when v_env = 'development' then 'dev' else 'lookup' end;
       new.attributed_at := now();
+    elsif v_declared_reason = 'dev_bypass' then
+      new.api_key_id := null;
+      new.attribution_status := 'failed';
+      new.attribution_reason := 'dev_bypass';
     else
       new.api_key_id := null;
       new.attribution_status := 'pending';
       new.attribution_reason := 'not_found';
       new.attribution_next_attempt_at := now();
+      perform app_private.schedule_attribution_retry(now());
     end if;
   elsif new.api_key_id is not null then
     select k.user_id, k.environment into v_user_id, v_env
@@ -420,7 +707,7 @@ begin
   elsif new.user_id is not null then
     new.is_anonymous := false;
     new.attribution_status := 'failed';
-    new.attribution_reason := coalesce(new.attribution_reason, 'no_key');
+    new.attribution_reason := 'no_key';
   else
     new.is_anonymous := true;
     new.attribution_status := 'anonymous';
@@ -429,7 +716,7 @@ begin
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: Trigger function (BEFORE INSERT on chat_completion_requests): makes request_id idempotent and attributes the row from api_key_hash (resolved, pending), api_key_id, user_id (failed: no_key) or nothing (anonymous).
+-- comment: Trigger function (BEFORE INSERT on chat_completion_requests): makes request_id idempotent and attributes the row from api_key_hash (resolved; pending, which wakes the retry worker; failed with dev_bypass when the writer declared the development bypass), api_key_id, user_id (failed: no_key) or nothing (anonymous).
 
 CREATE OR REPLACE FUNCTION app_public.api_key_hash(key text)
  RETURNS bytea
@@ -511,11 +798,17 @@ begin
             import_api_key.last4, import_api_key.environment, 'imported', import_api_key.expires_at)
     returning * into v_key;
   insert into app_private.api_key_secrets (api_key_id, key_hash) values (v_key.id, import_api_key.key_hash);
+  update app_public.chat_completion_requests r
+     set attribution_next_attempt_at = now()
+   where r.attribution_status = 'pending' and r.api_key_hash = import_api_key.key_hash;
+  if found then
+    perform app_private.schedule_attribution_retry(now());
+  end if;
   return v_key;
 end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner
--- comment: Registers a key issued by another system by its hash (sha256(convert_to(key, 'UTF8'))), for gateways that bring their own keys. Admins only.
+-- comment: Registers a key issued by another system by its hash (sha256(convert_to(key, 'UTF8'))), for gateways that bring their own keys, and wakes the pending requests that presented it so the retry worker resolves them at once. Admins only.
 
 CREATE OR REPLACE FUNCTION app_public.revoke_api_key(api_key_id uuid)
  RETURNS app_public.api_keys
@@ -538,3 +831,33 @@ end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
 -- comment: Revokes a key: it stops authenticating at once, but the row stays so requests it made stay attributed. Revoking twice keeps the first revocation time. Admins, or the key's owner.
+
+CREATE OR REPLACE FUNCTION app_public.start_attribution_backfill(batch_size integer DEFAULT 1000)
+ RETURNS app_public.attribution_backfills
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_run app_public.attribution_backfills;
+begin
+  if not app_private.is_admin() then
+    raise exception 'only admins may start a backfill' using errcode = '42501';
+  end if;
+  if start_attribution_backfill.batch_size is null or start_attribution_backfill.batch_size not between 1 and 100000 then
+    raise exception 'batch_size must be between 1 and 100000, got %', start_attribution_backfill.batch_size using errcode = '22023';
+  end if;
+  perform pg_advisory_xact_lock(hashtext('keytrack attribution backfill'));
+  -- Resume the running one rather than start a second.
+  select * into v_run from app_public.attribution_backfills b where b.status = 'running';
+  if not found then
+    insert into app_public.attribution_backfills (batch_size) values (start_attribution_backfill.batch_size)
+      returning * into v_run;
+  end if;
+  perform graphile_worker.add_job('attribution_backfills__run_batch', json_build_object('id', v_run.id),
+    job_key := 'attribution_backfills__run_batch', max_attempts := 25);
+  return v_run;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: Starts (or resumes, if one is running) the attribution backfill and queues it for the worker, which runs it batch by batch; `npm run backfill` runs the batches itself with a progress bar. Returns the run. Admins only.
