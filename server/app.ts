@@ -14,6 +14,7 @@ import type { ConnectedConfig } from "./config.js";
 import type { Pools } from "./db/pools.js";
 import type { Logger } from "./log.js";
 import type { Recorder } from "./recording/types.js";
+import type { DevKey } from "./chat/devKey.js";
 import { installAdminAuth } from "./middleware/installAdminAuth.js";
 import { installErrorHandler } from "./middleware/installErrorHandler.js";
 import { installHealth } from "./middleware/installHealth.js";
@@ -25,6 +26,8 @@ export interface AppContext {
   log: Logger;
   /** The one recording path for request rows (retry, spool, replay). */
   recorder: Recorder;
+  /** APP_ENV=development only: the dev key (or the bypass) that requests without credentials are attributed to. */
+  devKey?: DevKey;
 }
 
 /** A route group added by another module (metrics, monitoring, chat), mounted before the 404 handler. */

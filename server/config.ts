@@ -44,9 +44,25 @@ export interface Config {
   readonly allowAnonymous: boolean;
   readonly upstreamBaseUrl: string | null;
   readonly upstreamApiKey: string | null;
+  /** Longest wait for the upstream to answer (headers) or to send the next bytes of its body, in ms. */
+  readonly upstreamTimeoutMs: number;
+  /** How long /v1 key authentications are cached, in ms (0: no cache); a revocation takes effect within it. */
+  readonly authCacheTtlMs: number;
   readonly metricsToken: string | null;
   readonly retentionDays: number | null;
   readonly worker: boolean;
+  /** Jobs one worker runs at once. */
+  readonly workerConcurrency: number;
+  /** Lookups of a pending row's key before it is marked failed (not_found). */
+  readonly attributionRetryMaxAttempts: number;
+  /** First retry delay of a pending row; doubles each attempt. */
+  readonly attributionRetryBaseMs: number;
+  /** Cap on a pending row's retry delay. */
+  readonly attributionRetryMaxMs: number;
+  /** Pending rows resolved per statement. */
+  readonly attributionRetryBatchSize: number;
+  /** Rows per backfill batch (one short transaction each). */
+  readonly backfillBatchSize: number;
   readonly logLevel: LogLevel;
   /** As given (e.g. "1mb"), for body parsers. */
   readonly bodyLimit: string;
@@ -268,9 +284,17 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     allowAnonymous: bool(env, "ALLOW_ANONYMOUS", appEnv === "development"),
     upstreamBaseUrl: httpUrl(env, "UPSTREAM_BASE_URL"),
     upstreamApiKey: str(env, "UPSTREAM_API_KEY"),
+    upstreamTimeoutMs: int(env, "UPSTREAM_TIMEOUT_MS", 1, 3_600_000, 60_000)!,
+    authCacheTtlMs: int(env, "AUTH_CACHE_TTL_MS", 0, 600_000, 5000)!,
     metricsToken: str(env, "METRICS_TOKEN"),
     retentionDays: int(env, "RETENTION_DAYS", 1, 1_000_000, null),
     worker: bool(env, "WORKER", true),
+    workerConcurrency: int(env, "WORKER_CONCURRENCY", 1, 64, 2)!,
+    attributionRetryMaxAttempts: int(env, "ATTRIBUTION_RETRY_MAX_ATTEMPTS", 1, 1000, 10)!,
+    attributionRetryBaseMs: int(env, "ATTRIBUTION_RETRY_BASE_MS", 1, 3_600_000, 1000)!,
+    attributionRetryMaxMs: int(env, "ATTRIBUTION_RETRY_MAX_MS", 1, 86_400_000, 600_000)!,
+    attributionRetryBatchSize: int(env, "ATTRIBUTION_RETRY_BATCH_SIZE", 1, 100_000, 500)!,
+    backfillBatchSize: int(env, "BACKFILL_BATCH_SIZE", 1, 100_000, 1000)!,
     logLevel: oneOf(env, "LOG_LEVEL", LOG_LEVELS, "info"),
     bodyLimit,
     bodyLimitBytes,

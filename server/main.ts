@@ -15,6 +15,8 @@ import { startEmbeddedPostgres, type EmbeddedPostgres } from "./db/embedded.js";
 import { closePools, createPools } from "./db/pools.js";
 import { prepareDatabase } from "./db/prepare.js";
 import { createRecorder } from "./recording/recorder.js";
+import { getDevKey } from "./devMode.js";
+import { startWorker } from "./worker/runner.js";
 import { createLogger, type Logger } from "./log.js";
 
 export interface StartServerOptions {
@@ -85,7 +87,14 @@ export async function startServer(config: Config, options: StartServerOptions = 
     const recorder = createRecorder({ pool: pools.owner, dataDir: connected.dataDir, log: log.child({ component: "recorder" }) });
     undo.push(() => recorder.close());
 
-    const app = await makeApp({ config: connected, pools, log, recorder }, { installers: options.installers });
+    const devKey = connected.appEnv === "development" ? await getDevKey(pools.owner, log) : undefined;
+
+    if (connected.worker) {
+      const worker = await startWorker({ config: connected, pool: pools.owner, log: log.child({ component: "worker" }) });
+      undo.push(() => worker.stop());
+    }
+
+    const app = await makeApp({ config: connected, pools, log, recorder, devKey }, { installers: options.installers });
     undo.push(() => app.close());
 
     const server = http.createServer(app.app);

@@ -204,12 +204,11 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
   const pidFile = await readPidFile(pgDataDir);
   if (pidFile) {
     if (pidFile.socketDir === socketDir && pidFile.port === port && (await answers(socketDir, port))) {
+      // It may be serving another keytrack process on the same data folder
+      // (`npm start` beside `npm run db:watch` or `npm run backfill`): use it,
+      // and leave it running when we stop. Its owner stops it.
       log(`embedded PostgreSQL already running (pid ${pidFile.pid}), reusing it`);
-      return result(true, async () => {
-        if (!Number.isFinite(pidFile.pid) || !processAlive(pidFile.pid)) return;
-        process.kill(pidFile.pid, "SIGINT");
-        if (!(await waitForExit(pidFile.pid, 30_000))) log(`embedded PostgreSQL (pid ${pidFile.pid}) did not stop in 30 s`);
-      });
+      return result(true, async () => {});
     }
     if (Number.isFinite(pidFile.pid) && processAlive(pidFile.pid)) {
       const cmdline = await fs.readFile(`/proc/${pidFile.pid}/cmdline`, "utf8").catch(() => "");

@@ -1,0 +1,59 @@
+// graphile-worker, in the web process (WORKER=true, the default) or on its own
+// (`npm run worker`). Tasks are small files under tasks/; cron items carry
+// explicit ids so renaming a task never runs a job twice.
+import { Logger as WorkerLogger, parseCronItems, run, type Runner, type TaskList } from "graphile-worker";
+import type pg from "pg";
+import type { Config } from "../config.js";
+import type { Logger } from "../log.js";
+import { BACKFILL_BATCH, backfillBatch } from "./tasks/backfillBatch.js";
+import { CREATE_PARTITIONS, createPartitions } from "./tasks/createPartitions.js";
+import { makeResolvePending, RESOLVE_PENDING } from "./tasks/resolvePending.js";
+
+export interface WorkerHandle {
+  runner: Runner;
+  stop(): Promise<void>;
+}
+
+export function makeTaskList(config: Config): TaskList {
+  return {
+    [RESOLVE_PENDING]: makeResolvePending(config),
+    [BACKFILL_BATCH]: backfillBatch,
+    [CREATE_PARTITIONS]: createPartitions,
+  };
+}
+
+const cronItems = parseCronItems([
+  // A sweep in case a wake-up was missed (e.g. a job lost with a crashed worker).
+  { task: RESOLVE_PENDING, match: "* * * * *", identifier: "resolve_pending_sweep", options: { backfillPeriod: 0, jobKey: RESOLVE_PENDING, jobKeyMode: "preserve_run_at" } },
+  { task: CREATE_PARTITIONS, match: "17 3 * * *", identifier: "create_partitions_daily", options: { backfillPeriod: 0 } },
+]);
+
+function workerLogger(log: Logger): WorkerLogger {
+  return new WorkerLogger(() => (level, message) => {
+    if (level === "error") log.error(message);
+    else if (level === "warning") log.warn(message);
+    else if (level === "info") log.info(message);
+    else log.debug(message);
+  });
+}
+
+export async function startWorker(options: { config: Config; pool: pg.Pool; log: Logger }): Promise<WorkerHandle> {
+  const { config, pool, log } = options;
+  const runner = await run({
+    pgPool: pool,
+    taskList: makeTaskList(config),
+    parsedCronItems: cronItems,
+    concurrency: config.workerConcurrency,
+    noHandleSignals: true,
+    pollInterval: 2000,
+    logger: workerLogger(log),
+  });
+  // Partitions ahead and a first sweep of pending rows, now rather than at the next cron tick.
+  await runner.addJob(CREATE_PARTITIONS, {}, { jobKey: CREATE_PARTITIONS });
+  await runner.addJob(RESOLVE_PENDING, {}, { jobKey: RESOLVE_PENDING, jobKeyMode: "preserve_run_at" });
+  let stopped: Promise<void> | null = null;
+  return {
+    runner,
+    stop: () => (stopped ??= runner.stop()),
+  };
+}
