@@ -3,6 +3,9 @@
 -- before `migrate`). Idempotent, and changes only what differs, so that the
 -- owner alone can re-run it once a superuser has run it.
 
+-- Service replicas starting together run this file at the same time: take turns.
+select pg_advisory_xact_lock(hashtext('keytrack afterReset.sql'));
+
 -- The owner owns the database and its public schema; nobody else may create in them.
 grant all on database :DATABASE_NAME to :DATABASE_OWNER;
 grant connect on database :DATABASE_NAME to keytrack_authenticator, keytrack_analyst;

@@ -108,7 +108,22 @@ export async function applyDatabasePrivileges(rootUrl: string, databaseUrl: stri
 }
 
 /** Roles, database, graphile-worker's schema, then every committed migration. Idempotent. */
-export async function prepareDatabase({ rootUrl, databaseUrl, log = () => {} }: PrepareOptions): Promise<void> {
+export async function prepareDatabase(options: PrepareOptions): Promise<void> {
+  // Replicas (or a worker process) starting at once take turns: one prepares,
+  // the others then find everything in place. The lock lives on the root
+  // connection because keytrack's database may not exist yet.
+  const { database } = databaseOf(options.databaseUrl);
+  const lock = new pg.Client({ connectionString: options.rootUrl });
+  await lock.connect();
+  try {
+    await lock.query("select pg_advisory_lock(hashtext('keytrack prepare ' || $1))", [database]);
+    await prepareDatabaseLocked(options);
+  } finally {
+    await lock.end(); // releases the session lock
+  }
+}
+
+async function prepareDatabaseLocked({ rootUrl, databaseUrl, log = () => {} }: PrepareOptions): Promise<void> {
   await ensureDatabase(rootUrl, databaseUrl, log);
   const worker = await import(pathToFileURL(path.join(projectRoot, "scripts/install-worker-schema.mjs")).href);
   await worker.installWorkerSchema(databaseUrl);

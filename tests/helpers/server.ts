@@ -1,15 +1,27 @@
 // Starts the real service in-process on a test database (port chosen by the OS).
+import { mkdtempSync, rmSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { loadConfig } from "../../server/config.js";
+import type { Installer } from "../../server/app.js";
 import { startServer, type RunningServer } from "../../server/main.js";
 import type { TestDb } from "./db.js";
 
 export const ADMIN_TOKEN = "test-admin-token-0123456789abcdef0123";
 
-export async function startTestServer(db: TestDb, env: Record<string, string> = {}): Promise<RunningServer> {
+export async function startTestServer(
+  db: TestDb,
+  env: Record<string, string> = {},
+  installers: Installer[] = [],
+): Promise<RunningServer> {
   const clusterRoot = new URL(db.rootUrl);
   clusterRoot.pathname = "/postgres";
-  return startServer(
+  // Each server gets a data folder (spool) of its own unless the test names one
+  // (e.g. to restart on the same spool); ours is removed when the server closes.
+  const ownDataDir = env.KEYTRACK_DATA_DIR ? null : mkdtempSync(path.join(os.tmpdir(), "keytrack-server-"));
+  const server = await startServer(
     loadConfig({
+      ...(ownDataDir ? { KEYTRACK_DATA_DIR: ownDataDir } : {}),
       DATABASE_URL: db.ownerUrl,
       ROOT_DATABASE_URL: clusterRoot.toString(),
       AUTH_DATABASE_URL: db.authUrl,
@@ -21,7 +33,19 @@ export async function startTestServer(db: TestDb, env: Record<string, string> = 
       LOG_LEVEL: "error",
       ...env,
     }),
-  );
+    { installers },
+  ).catch((err) => {
+    if (ownDataDir) rmSync(ownDataDir, { recursive: true, force: true });
+    throw err;
+  });
+  if (!ownDataDir) return server;
+  return {
+    ...server,
+    close: async () => {
+      await server.close();
+      rmSync(ownDataDir, { recursive: true, force: true });
+    },
+  };
 }
 
 export interface GraphQLResult {

@@ -1,0 +1,110 @@
+/**
+ * Request bodies checked before anything is forwarded: what the gateway itself
+ * relies on (model, messages or input, stream flags), with OpenAI-style 400s
+ * naming the parameter. Everything else is the upstream's to judge.
+ */
+import { badRequest, type ChatError } from "./errors.js";
+
+export type ChatKind = "chat" | "responses";
+
+export interface ValidRequest {
+  kind: ChatKind;
+  body: Record<string, unknown>;
+  model: string;
+  stream: boolean;
+  /** The client asked for a usage chunk in its stream (chat: stream_options.include_usage). */
+  clientWantsUsage: boolean;
+}
+
+export type Validation = { ok: true; request: ValidRequest } | { ok: false; error: ChatError };
+
+const MAX_MODEL_LENGTH = 200; // the ledger's model column
+
+function typeName(v: unknown): string {
+  if (v === null) return "null";
+  if (Array.isArray(v)) return "an array";
+  return typeof v === "object" ? "an object" : `a ${typeof v}`;
+}
+
+const isObject = (v: unknown): v is Record<string, unknown> =>
+  typeof v === "object" && v !== null && !Array.isArray(v);
+
+const wrongType = (param: string, expected: string, got: unknown) =>
+  badRequest(`Invalid type for '${param}': expected ${expected}, but got ${typeName(got)} instead.`, param, "invalid_type");
+
+const missing = (param: string) => badRequest(`Missing required parameter: '${param}'.`, param, "missing_required_parameter");
+
+function checkCommon(body: unknown): { body: Record<string, unknown>; model: string; stream: boolean } | ChatError {
+  if (!isObject(body)) {
+    return body === undefined
+      ? badRequest("The request body must be JSON (Content-Type: application/json).", null, "invalid_json")
+      : badRequest(`The request body must be a JSON object, but got ${typeName(body)}.`, null, "invalid_type");
+  }
+  const model = body.model;
+  if (model === undefined || model === null) return missing("model");
+  if (typeof model !== "string") return wrongType("model", "a string", model);
+  if (model.trim() === "") return badRequest("Invalid 'model': empty string.", "model", "invalid_value");
+  if (model.length > MAX_MODEL_LENGTH) {
+    return badRequest(`Invalid 'model': longer than ${MAX_MODEL_LENGTH} characters.`, "model", "invalid_value");
+  }
+  const stream = body.stream;
+  if (stream !== undefined && stream !== null && typeof stream !== "boolean") return wrongType("stream", "a boolean", stream);
+  return { body, model, stream: stream === true };
+}
+
+function checkMessages(messages: unknown, param: string): ChatError | null {
+  if (messages === undefined || messages === null) return missing(param);
+  if (!Array.isArray(messages)) return wrongType(param, "an array of objects", messages);
+  if (messages.length === 0 && param === "messages") return badRequest(`Invalid '${param}': empty array. Expected at least one message.`, param, "empty_array");
+  for (const [i, m] of messages.entries()) {
+    if (!isObject(m)) return wrongType(`${param}[${i}]`, "an object", m);
+    if (m.role !== undefined && typeof m.role !== "string") return wrongType(`${param}[${i}].role`, "a string", m.role);
+    if (param === "messages" && m.role === undefined) return missing(`${param}[${i}].role`);
+    const c = m.content;
+    if (c !== undefined && c !== null && typeof c !== "string" && !Array.isArray(c)) {
+      return wrongType(`${param}[${i}].content`, "a string or an array of content parts", c);
+    }
+  }
+  return null;
+}
+
+export function validateChat(raw: unknown): Validation {
+  const common = checkCommon(raw);
+  if ("status" in common) return { ok: false, error: common };
+  const { body } = common;
+  const bad = checkMessages(body.messages, "messages");
+  if (bad) return { ok: false, error: bad };
+  const so = body.stream_options;
+  if (so !== undefined && so !== null) {
+    if (!isObject(so)) return { ok: false, error: wrongType("stream_options", "an object", so) };
+    if (so.include_usage !== undefined && typeof so.include_usage !== "boolean") {
+      return { ok: false, error: wrongType("stream_options.include_usage", "a boolean", so.include_usage) };
+    }
+    if (!common.stream) {
+      return { ok: false, error: badRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.", "stream_options", "invalid_value") };
+    }
+  }
+  const clientWantsUsage = isObject(so) && so.include_usage === true;
+  return { ok: true, request: { kind: "chat", body, model: common.model, stream: common.stream, clientWantsUsage } };
+}
+
+export function validateResponses(raw: unknown): Validation {
+  const common = checkCommon(raw);
+  if ("status" in common) return { ok: false, error: common };
+  const { body } = common;
+  const input = body.input;
+  if (input === undefined || input === null) {
+    // Without input, a response continues from stored state upstream.
+    if (body.previous_response_id == null && body.conversation == null && body.prompt == null) {
+      return { ok: false, error: missing("input") };
+    }
+  } else if (typeof input !== "string") {
+    const bad = checkMessages(input, "input");
+    if (bad) return { ok: false, error: Array.isArray(input) ? bad : wrongType("input", "a string or an array", input) };
+  }
+  const instructions = body.instructions;
+  if (instructions !== undefined && instructions !== null && typeof instructions !== "string") {
+    return { ok: false, error: wrongType("instructions", "a string", instructions) };
+  }
+  return { ok: true, request: { kind: "responses", body, model: common.model, stream: common.stream, clientWantsUsage: true } };
+}
