@@ -63,6 +63,10 @@ export interface Config {
   readonly attributionRetryBatchSize: number;
   /** Rows per backfill batch (one short transaction each). */
   readonly backfillBatchSize: number;
+  /** Tries to write a request row before it goes to the durable spool (transient errors only). */
+  readonly recordRetryAttempts: number;
+  /** Wait after the first failed try to write a request row; doubles after each further one. */
+  readonly recordRetryBaseMs: number;
   readonly logLevel: LogLevel;
   /** As given (e.g. "1mb"), for body parsers. */
   readonly bodyLimit: string;
@@ -295,6 +299,8 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     attributionRetryMaxMs: int(env, "ATTRIBUTION_RETRY_MAX_MS", 1, 86_400_000, 600_000)!,
     attributionRetryBatchSize: int(env, "ATTRIBUTION_RETRY_BATCH_SIZE", 1, 100_000, 500)!,
     backfillBatchSize: int(env, "BACKFILL_BATCH_SIZE", 1, 100_000, 1000)!,
+    recordRetryAttempts: int(env, "RECORD_RETRY_ATTEMPTS", 1, 20, 3)!,
+    recordRetryBaseMs: int(env, "RECORD_RETRY_BASE_MS", 1, 60_000, 100)!,
     logLevel: oneOf(env, "LOG_LEVEL", LOG_LEVELS, "info"),
     bodyLimit,
     bodyLimitBytes,

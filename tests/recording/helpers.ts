@@ -1,0 +1,198 @@
+// Test helpers for the recording path: a TCP proxy in front of PostgreSQL that
+// a test can stop (the database is "down": connections refused), start again
+// on the same port, or use to cut live connections; a logger that keeps its
+// lines; request rows; polling.
+import { createHash, randomBytes, randomUUID } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import pg from "pg";
+
+import { createLogger, type LogLevel, type Logger } from "../../server/log.js";
+import type { RequestRecord } from "../../server/recording/types.js";
+
+type Target = { host: string; port: number } | { path: string };
+
+function targetOf(url: string): Target {
+  const u = new URL(url);
+  const port = Number(u.searchParams.get("port") ?? (u.port || 5432));
+  const host = u.searchParams.get("host") ?? u.hostname;
+  return host.startsWith("/") ? { path: `${host}/.s.PGSQL.${port}` } : { host, port };
+}
+
+export class PgProxy {
+  private server: net.Server | null = null;
+  private readonly sockets = new Set<net.Socket>();
+  private readonly target: Target;
+  port = 0;
+
+  private constructor(private readonly databaseUrl: string) {
+    this.target = targetOf(databaseUrl);
+  }
+
+  /** A proxy listening on a free port of 127.0.0.1, forwarding to databaseUrl's server. */
+  static async start(databaseUrl: string): Promise<PgProxy> {
+    const proxy = new PgProxy(databaseUrl);
+    await proxy.up();
+    return proxy;
+  }
+
+  /** databaseUrl, through the proxy. */
+  get url(): string {
+    const u = new URL(this.databaseUrl);
+    u.searchParams.delete("host");
+    u.searchParams.delete("port");
+    u.hostname = "127.0.0.1";
+    u.port = String(this.port);
+    return u.toString();
+  }
+
+  /** Listens (again, on the same port once it has one). */
+  async up(): Promise<void> {
+    if (this.server) return;
+    const server = net.createServer((client) => {
+      const upstream = net.connect(this.target);
+      for (const s of [client, upstream]) {
+        this.sockets.add(s);
+        s.on("close", () => this.sockets.delete(s));
+        s.on("error", () => {
+          client.destroy();
+          upstream.destroy();
+        });
+      }
+      client.pipe(upstream);
+      upstream.pipe(client);
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(this.port, "127.0.0.1", () => {
+        server.off("error", reject);
+        resolve();
+      });
+    });
+    this.port = (server.address() as net.AddressInfo).port;
+    this.server = server;
+  }
+
+  /** Drops every live connection (both ends), as a network failure would. */
+  cut(): void {
+    for (const s of this.sockets) s.destroy();
+    this.sockets.clear();
+  }
+
+  /** The database is down: live connections dropped, new ones refused. */
+  async down(): Promise<void> {
+    const server = this.server;
+    this.server = null;
+    this.cut();
+    if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
+  }
+}
+
+/** A logger whose lines (JSON) are kept for assertions. */
+export function captureLog(level: LogLevel = "debug"): { log: Logger; lines: string[]; entries: () => Array<Record<string, unknown>> } {
+  const lines: string[] = [];
+  const log = createLogger({ level, json: true, write: (line) => lines.push(line) });
+  return { log, lines, entries: () => lines.map((l) => JSON.parse(l) as Record<string, unknown>) };
+}
+
+export function apiKeyHash(key: string): Buffer {
+  return createHash("sha256").update(key, "utf8").digest();
+}
+
+export function makeRow(overrides: Partial<RequestRecord> = {}): RequestRecord {
+  return {
+    requestId: `req_${randomUUID()}`,
+    createdAt: new Date(),
+    apiKeyHash: null,
+    model: "echo",
+    provider: "test",
+    inputTokens: 3,
+    outputTokens: 5,
+    processingTimeMs: 12,
+    status: "completed",
+    errorMessage: null,
+    ...overrides,
+  };
+}
+
+const madeDirs: string[] = [];
+
+/** A fresh data folder; removeTempDataDirs() deletes every one made (test.after.always). */
+export async function tempDataDir(): Promise<string> {
+  const dir = await mkdtemp(path.join(os.tmpdir(), "keytrack-recording-"));
+  madeDirs.push(dir);
+  return dir;
+}
+
+export async function removeTempDataDirs(): Promise<void> {
+  for (const dir of madeDirs.splice(0)) await rm(dir, { recursive: true, force: true });
+}
+
+export function appName(prefix: string): string {
+  return `${prefix}_${randomBytes(4).toString("hex")}`;
+}
+
+/** A pool the test owns; idle-client errors (cut connections) are expected. */
+export function makePool(connectionString: string, config: pg.PoolConfig = {}): pg.Pool {
+  const pool = new pg.Pool({ connectionString, max: 3, ...config });
+  pool.on("error", () => {});
+  return pool;
+}
+
+/** Polls until fn returns a truthy value (returned), or fails after timeoutMs. */
+export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeoutMs = 5000): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await fn();
+    if (value) return value as NonNullable<T>;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** pid of the backend of `application` waiting on a lock (its insert is blocked). */
+export async function blockedBackend(root: pg.Pool, application: string): Promise<number> {
+  return waitFor(`a backend of ${application} waiting on a lock`, async () => {
+    const { rows } = await root.query<{ pid: number }>(
+      "select pid from pg_stat_activity where application_name = $1 and wait_event_type = 'Lock'",
+      [application],
+    );
+    return rows[0]?.pid;
+  });
+}
+
+/**
+ * Claims a request id in app_private.request_ids in an open transaction: an
+ * insert of that request id blocks until release() (rolled back, so the id is
+ * free again).
+ */
+export async function holdRequestId(rootUrl: string, requestId: string): Promise<{ release(): Promise<void> }> {
+  const client = new pg.Client({ connectionString: rootUrl });
+  client.on("error", () => {});
+  await client.connect();
+  await client.query("begin");
+  await client.query("insert into app_private.request_ids (request_id, created_at) values ($1, now())", [requestId]);
+  return {
+    async release() {
+      await client.query("rollback");
+      await client.end();
+    },
+  };
+}
+
+export interface StoredRow {
+  id: string;
+  request_id: string;
+  spooled_at: Date | null;
+}
+
+/** Rows of the ledger for these request ids, in insertion (id) order. */
+export async function rowsFor(pool: pg.Pool, requestIds: string[]): Promise<StoredRow[]> {
+  const { rows } = await pool.query<StoredRow>(
+    "select c.id::text as id, c.request_id, c.spooled_at from app_public.chat_completion_requests c where c.request_id = any($1) order by c.id",
+    [requestIds],
+  );
+  return rows;
+}
