@@ -15,6 +15,26 @@
 
 -- default privileges in (all) for f: keytrack_owner=X/keytrack_owner
 
+create type app_private.attribution_metrics as (
+  lookup_attempts_success bigint,  -- api_key_lookup_attempts_total{status="success"}: lookups that found the key (at insert, by the retry worker, by the backfill from a hash).
+  lookup_attempts_retry bigint,  -- api_key_lookup_attempts_total{status="retry"}: lookups that found no key and left the row pending for another try (at insert, including a writer-declared lookup_failed, and by the retry worker).
+  lookup_attempts_failed bigint,  -- api_key_lookup_attempts_total{status="failed"}: lookups that found no key and gave up (the retry limit, or the backfill meeting an unknown hash).
+  tracking_success_authenticated bigint,  -- api_key_tracking_success_total{request_type="authenticated"}: rows resolved at insert by a (non-development) key.
+  tracking_success_retry bigint,  -- api_key_tracking_success_total{request_type="retry"}: rows resolved by the retry worker.
+  tracking_success_backfill bigint,  -- api_key_tracking_success_total{request_type="backfill"}: rows resolved by the backfill.
+  tracking_success_dev bigint,  -- api_key_tracking_success_total{request_type="dev"}: rows resolved at insert by the development key.
+  tracking_failures_anonymous bigint,  -- api_key_tracking_failures_total{reason="anonymous"}: rows recorded anonymous, or flagged anonymous by the backfill.
+  tracking_failures_not_found bigint,  -- api_key_tracking_failures_total{reason="not_found"}: pending rows the retry worker gave up on.
+  tracking_failures_lookup_failed bigint,  -- api_key_tracking_failures_total{reason="lookup_failed"}: rows whose writer declared its key lookup failed and whose key was not found at insert either.
+  tracking_failures_dev_bypass bigint,  -- api_key_tracking_failures_total{reason="dev_bypass"}: rows recorded with the development bypass key.
+  tracking_failures_no_key bigint,  -- api_key_tracking_failures_total{reason="no_key"}: rows naming a user but no key at insert, or newly found keyless by the backfill.
+  tracking_failures_ambiguous bigint,  -- api_key_tracking_failures_total{reason="ambiguous"}: rows the backfill newly found ambiguous (several keys alive).
+  pending_attributions bigint,  -- Gauge: rows pending attribution now.
+  failed_attributions bigint,  -- Gauge: rows whose attribution failed, now.
+  authenticated_tracking_rate double precision  -- Gauge api_key_tracking_rate (0..1): of the non-anonymous requests of the last 60 minutes, the share with api_key_id set; NULL without such requests.
+);
+-- comment: The attribution counters and gauges behind /metrics (see app_private.attribution_metrics()).
+
 create type app_private.attribution_retry_result as (
   examined integer,  -- Due pending rows looked at.
   resolved integer,  -- Rows whose key was found: now resolved (method retry).
@@ -23,6 +43,14 @@ create type app_private.attribution_retry_result as (
   next_attempt_at timestamp with time zone  -- When the earliest pending row is due next (NULL: none pending).
 );
 -- comment: What one run of resolve_pending_attributions() did.
+
+create type app_private.attribution_rollup_refresh_result as (
+  settled_through timestamp with time zone,  -- Rollups are settled for every hour before this (NULL: another refresh was running, nothing done).
+  settled_hours integer,  -- Hours newly settled by this run (0 when it settled from the beginning of time: see recomputed_hours).
+  recomputed_hours integer,  -- Dirty hours recomputed by this run.
+  waiting_since timestamp with time zone  -- When the fence still waited for was taken (NULL: none); old means a long-running transaction holds settlement back.
+);
+-- comment: What one run of refresh_attribution_rollups() did.
 
 create type app_private.authenticated_api_key as (
   api_key_id uuid,  -- The key, or NULL when no key has this hash.
@@ -33,6 +61,61 @@ create type app_private.authenticated_api_key as (
   reason text  -- Why it may not: `not_found`, `revoked` or `expired`; NULL when usable.
 );
 -- comment: What authenticate_api_key() knows about a presented key.
+
+create type app_public.api_key_tracking_quality_report as (
+  hours integer,  -- The window, in hours.
+  start_time timestamp with time zone,  -- The window's start: end_time minus hours.
+  end_time timestamp with time zone,  -- The window's end: now() (rows created in [start_time, end_time] count).
+  total_requests bigint,  -- Requests in the window.
+  requests_with_api_key bigint,  -- Requests with api_key_id set.
+  requests_without_api_key bigint,  -- Requests with api_key_id NULL.
+  tracking_rate_percent numeric,  -- requests_with_api_key / total_requests * 100, rounded to 2 places; 0 without requests (as the spec's endpoint).
+  null_key_with_valid_user bigint,  -- Requests naming a user but no key (potential lookup failures).
+  both_null_likely_anonymous bigint,  -- Requests with neither key nor user: anonymous, or a key hash not known (yet).
+  null_key_with_valid_user_percent numeric,  -- null_key_with_valid_user / total_requests * 100, rounded to 2 places; 0 without requests.
+  both_null_percent numeric,  -- both_null_likely_anonymous / total_requests * 100, rounded to 2 places; 0 without requests.
+  anonymous_requests bigint,  -- Requests flagged is_anonymous (no credentials, on purpose).
+  authenticated_requests bigint,  -- Requests not flagged is_anonymous.
+  authenticated_tracking_rate_percent numeric,  -- requests_with_api_key / authenticated_requests * 100, rounded to 2 places; NULL without authenticated requests. The alert status is computed from it.
+  pending_attributions bigint,  -- Requests still pending attribution (a key hash not found yet; the retry worker retries them).
+  failed_attributions bigint,  -- Requests whose attribution failed (attribution_reason says why).
+  alert_status text,  -- `ok` (authenticated tracking rate >= 90), `warning` (>= 70), `critical` (< 70) or `no_data` (no authenticated requests). Anonymous requests never lower it.
+  recommendations text[]  -- What to do, one sentence each; "API key tracking quality is good. No action needed." when nothing applies.
+);
+-- comment: API key tracking quality over the last N hours (the spec's admin endpoint), with the alert status and recommendations.
+
+create type app_public.api_key_tracking_trend as (
+  period_days integer,  -- How many days.
+  start_date date,  -- The first day (UTC).
+  end_date date,  -- The last day: today (UTC), so far.
+  total_requests bigint,  -- Requests over the period.
+  requests_with_api_key bigint,  -- Of those, requests with api_key_id set.
+  average_tracking_rate_percent numeric,  -- The period's tracking rate weighted by requests: requests_with_api_key / total_requests * 100, rounded to 2 places; 0 without requests.
+  trend_data app_public.api_key_tracking_trend_day[]  -- One entry per day, oldest first, days without requests included.
+);
+-- comment: The API key tracking trend over the last N UTC days, and its summary.
+
+create type app_public.api_key_tracking_trend_day as (
+  date date,  -- The UTC calendar day.
+  total_requests bigint,  -- Requests created that day.
+  requests_with_api_key bigint,  -- Of those, requests with api_key_id set.
+  tracking_rate_percent numeric  -- requests_with_api_key / total_requests * 100, rounded to 2 places; 0 on a day without requests.
+);
+-- comment: One UTC day of the API key tracking trend.
+
+create type app_public.attribution_offender as (
+  kind text,  -- `api_key_hash` (a presented key that matches no key) or `user` (a user whose requests carry no key).
+  api_key_hash text,  -- For kind api_key_hash: the presented key's SHA-256, hex. Register the key with import_api_key() if it is legitimate.
+  user_id uuid,  -- For kind user: the user.
+  email text,  -- For kind user: the user's email.
+  unattributed_requests bigint,  -- Pending plus failed requests in the window.
+  pending_requests bigint,  -- Requests still pending attribution.
+  failed_requests bigint,  -- Requests whose attribution failed.
+  reasons text[],  -- The distinct attribution_reason values of those requests.
+  first_seen_at timestamp with time zone,  -- The oldest of those requests in the window.
+  last_seen_at timestamp with time zone  -- The newest of those requests.
+);
+-- comment: A key hash or a user behind unattributed (pending or failed) requests.
 
 create type app_public.created_api_key as (
   api_key_id uuid,  -- The new key's id.
@@ -67,7 +150,8 @@ create table app_partitions.chat_completion_requests_default partition (DEFAULT)
   attribution_next_attempt_at timestamp with time zone,  -- When a pending row is due to be looked up again.
   attribution_error text,  -- The last error met while attributing this row, for diagnosis.
   attributed_at timestamp with time zone,  -- When api_key_id was set.
-  spooled_at timestamp with time zone  -- When the service could not reach the database and wrote this row to its durable local spool; the row was replayed later. NULL for rows written directly.
+  spooled_at timestamp with time zone,  -- When the service could not reach the database and wrote this row to its durable local spool; the row was replayed later. NULL for rows written directly.
+  initial_attribution text  -- The attribution outcome at insert, set by the insert trigger and never changed: `resolved_lookup`, `resolved_dev` (the development key), `pending_not_found` (the key hash matched no key yet), `pending_lookup_failed` (the writer declared its own key lookup failed), `failed_dev_bypass`, `failed_no_key` or `anonymous`. NULL for rows recorded before keytrack kept it. The monotonic Prometheus counters count it.
 );
 -- row level security: enabled
 -- acl: (default)
@@ -93,10 +177,12 @@ CREATE INDEX chat_completion_requests_defaul_attribution_next_attempt_at_idx ON 
 CREATE INDEX chat_completion_requests_default_api_key_hash_idx ON app_partitions.chat_completion_requests_default USING btree (api_key_hash) WHERE (attribution_status = 'pending'::text);
 CREATE INDEX chat_completion_requests_default_api_key_id_idx ON app_partitions.chat_completion_requests_default USING btree (api_key_id);
 CREATE INDEX chat_completion_requests_default_created_at_idx ON app_partitions.chat_completion_requests_default USING btree (created_at);
+CREATE INDEX chat_completion_requests_default_created_at_idx1 ON app_partitions.chat_completion_requests_default USING btree (created_at) WHERE (attribution_status = ANY (ARRAY['pending'::text, 'failed'::text]));
 CREATE INDEX chat_completion_requests_default_is_anonymous_idx ON app_partitions.chat_completion_requests_default USING btree (is_anonymous);
 CREATE UNIQUE INDEX chat_completion_requests_default_pkey ON app_partitions.chat_completion_requests_default USING btree (id, created_at);
 CREATE INDEX chat_completion_requests_default_request_id_idx ON app_partitions.chat_completion_requests_default USING btree (request_id);
 CREATE INDEX chat_completion_requests_default_user_id_idx ON app_partitions.chat_completion_requests_default USING btree (user_id);
+CREATE TRIGGER _200_keep_initial_attribution BEFORE UPDATE ON app_partitions.chat_completion_requests_default FOR EACH ROW WHEN (old.initial_attribution IS DISTINCT FROM new.initial_attribution) EXECUTE FUNCTION app_private.tg_chat_completion_requests__keep_initial_attribution();  -- (no comment)
 CREATE TRIGGER _500_attribute BEFORE INSERT ON app_partitions.chat_completion_requests_default FOR EACH ROW EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- (no comment)
 
 create table app_private.api_key_secrets (
@@ -112,6 +198,19 @@ constraint api_key_secrets_key_hash_key UNIQUE (key_hash);
 constraint api_key_secrets_pkey PRIMARY KEY (api_key_id);
 CREATE UNIQUE INDEX api_key_secrets_key_hash_key ON app_private.api_key_secrets USING btree (key_hash);
 CREATE UNIQUE INDEX api_key_secrets_pkey ON app_private.api_key_secrets USING btree (api_key_id);
+
+create table app_private.attribution_events (
+  event text not null,  -- `retry_resolved`, `retry_still_pending`, `retry_failed` (a retry lookup found the key, did not and will retry, did not and gave up); `backfill_resolved_by_hash`, `backfill_resolved_by_only_key`, `backfill_unknown_hash` (a hash that matches no key), `backfill_ambiguous`, `backfill_no_key` (rows that newly got that reason), `backfill_anonymized`.
+  occurrences bigint not null default 0,  -- How many times it happened, ever.
+  updated_at timestamp with time zone not null default now()  -- When it last happened.
+);
+-- row level security: enabled
+-- acl: (default)
+-- comment: Cumulative counts of attribution events caused by the retry worker and the backfill (never decreasing), for the Prometheus counters (app_private.attribution_metrics()). One upsert per batch.
+constraint attribution_events_event_check CHECK (event = ANY (ARRAY['retry_resolved'::text, 'retry_still_pending'::text, 'retry_failed'::text, 'backfill_resolved_by_hash'::text, 'backfill_resolved_by_only_key'::text, 'backfill_unknown_hash'::text, 'backfill_ambiguous'::text, 'backfill_no_key'::text, 'backfill_anonymized'::text]));
+constraint attribution_events_occurrences_check CHECK (occurrences >= 0);
+constraint attribution_events_pkey PRIMARY KEY (event);
+CREATE UNIQUE INDEX attribution_events_pkey ON app_private.attribution_events USING btree (event);
 
 create table app_private.request_ids (
   request_id text not null,  -- The request's id.
@@ -133,23 +232,22 @@ create view app_public.api_key_tracking_quality (
   tracking_rate_percent numeric  -- requests_with_api_key / total_requests * 100, rounded to 2 places.
 );
 -- definition:
-SELECT date_trunc('hour'::text, chat_completion_requests.created_at) AS hour,
-    count(*) AS total_requests,
-    count(chat_completion_requests.api_key_id) AS requests_with_api_key,
-    count(*) FILTER (WHERE chat_completion_requests.api_key_id IS NULL) AS requests_without_api_key,
-    count(*) FILTER (WHERE chat_completion_requests.is_anonymous = true) AS anonymous_requests,
-    count(*) FILTER (WHERE chat_completion_requests.api_key_id IS NULL AND chat_completion_requests.user_id IS NOT NULL) AS potential_lookup_failures,
-    round(count(chat_completion_requests.api_key_id)::numeric / NULLIF(count(*), 0)::numeric * 100::numeric, 2) AS tracking_rate_percent
-   FROM app_public.chat_completion_requests
-  WHERE chat_completion_requests.created_at >= (now() - '7 days'::interval)
-  GROUP BY (date_trunc('hour'::text, chat_completion_requests.created_at))
-  ORDER BY (date_trunc('hour'::text, chat_completion_requests.created_at)) DESC;
+SELECT q.hour,
+    sum(q.requests)::bigint AS total_requests,
+    COALESCE(sum(q.requests) FILTER (WHERE q.attribution_status = 'resolved'::text), 0::numeric)::bigint AS requests_with_api_key,
+    COALESCE(sum(q.requests) FILTER (WHERE q.attribution_status <> 'resolved'::text), 0::numeric)::bigint AS requests_without_api_key,
+    COALESCE(sum(q.requests) FILTER (WHERE q.is_anonymous), 0::numeric)::bigint AS anonymous_requests,
+    COALESCE(sum(q.requests) FILTER (WHERE q.attribution_status <> 'resolved'::text AND q.has_user), 0::numeric)::bigint AS potential_lookup_failures,
+    round(COALESCE(sum(q.requests) FILTER (WHERE q.attribution_status = 'resolved'::text), 0::numeric) / NULLIF(sum(q.requests), 0::numeric) * 100::numeric, 2) AS tracking_rate_percent
+   FROM app_public.attribution_counts_by_hour(now() - '7 days'::interval) q(hour, attribution_status, is_anonymous, has_user, initial_attribution, requests)
+  GROUP BY q.hour
+  ORDER BY q.hour DESC;
 -- options: security_invoker=true
 -- row level security: DISABLED
 -- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
 -- comment: @primaryKey hour
 @behavior -insert -update -delete
-API key tracking quality per hour over the last 7 days (the spec's view): how many requests carried an API key id, how many were anonymous, how many name a user but no key.
+API key tracking quality per hour over the last 7 days (the spec's view): how many requests carried an API key id, how many were anonymous, how many name a user but no key. Served from hourly rollups plus the hours not settled yet; always equal to the spec's SELECT over the raw rows.
 
 create table app_public.api_keys (
   id uuid not null default gen_random_uuid(),  -- Primary key; chat_completion_requests.api_key_id points here.
@@ -211,6 +309,58 @@ CREATE UNIQUE INDEX attribution_backfills_one_running_idx ON app_public.attribut
 CREATE UNIQUE INDEX attribution_backfills_pkey ON app_public.attribution_backfills USING btree (id);
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see backfill runs.
 
+create table app_public.attribution_rollup_dirty_hours (
+  id bigint not null generated always as identity,  -- Primary key (several marks for one hour are normal).
+  hour timestamp with time zone not null,  -- The UTC hour whose rollup is stale.
+  marked_at timestamp with time zone not null default now()  -- When the change was made (its transaction's start).
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: @behavior -*
+UTC hours whose rows changed or arrived after the hour ended (late rows, retry, backfill, deletes): reads scan them raw until the next refresh recomputes their rollups and removes the marks. Written by triggers on chat_completion_requests.
+constraint attribution_rollup_dirty_hours_pkey PRIMARY KEY (id);
+CREATE INDEX attribution_rollup_dirty_hours_hour_idx ON app_public.attribution_rollup_dirty_hours USING btree (hour);
+CREATE UNIQUE INDEX attribution_rollup_dirty_hours_pkey ON app_public.attribution_rollup_dirty_hours USING btree (id);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts read the dirty marks.
+
+create table app_public.attribution_rollup_state (
+  id boolean not null default true,  -- Always true: the table has one row.
+  settled_through timestamp with time zone not null default '-infinity'::timestamp with time zone,  -- Every UTC hour before this instant has been rolled up; reads use those rollups unless the hour is marked dirty.
+  frozen_before timestamp with time zone not null default '-infinity'::timestamp with time zone,  -- Hours before this instant are never recomputed, because their raw rows may be gone (partitions dropped by retention): reads use their rollups even when marked dirty. Set with app_private.freeze_attribution_rollups().
+  fence_transactions text[],  -- The transactions (virtual transaction ids, pg_locks.virtualtransaction) that held a write lock on chat_completion_requests or a partition when the pending settlement was decided: the hours before fence_until settle once all of them have ended (a writer that put a row into an hour before the hour ended did not mark it dirty, and held that lock until it ended). Transactions of other tables and databases never hold settlement back.
+  fence_until timestamp with time zone,  -- The end of the hours that settle once every fence transaction has ended.
+  fence_set_at timestamp with time zone,  -- When the fence was taken; an old fence means a long-running transaction writing the ledger holds settlement back (reads stay exact, but scan more raw rows).
+  refreshed_at timestamp with time zone  -- When app_private.refresh_attribution_rollups() last ran.
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: @behavior -*
+How far the hourly rollups are settled (one row). Written only by app_private.refresh_attribution_rollups().
+constraint attribution_rollup_state_check CHECK ((fence_transactions IS NULL) = (fence_until IS NULL));
+constraint attribution_rollup_state_id_check CHECK (id);
+constraint attribution_rollup_state_pkey PRIMARY KEY (id);
+constraint attribution_rollup_state_settled_through_check CHECK (settled_through = '-infinity'::timestamp with time zone OR settled_through = date_trunc('hour'::text, settled_through, 'UTC'::text));
+CREATE UNIQUE INDEX attribution_rollup_state_pkey ON app_public.attribution_rollup_state USING btree (id);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts read the rollup state; for anyone else reads fall back to raw rows.
+
+create table app_public.attribution_rollups_hourly (
+  hour timestamp with time zone not null,  -- The UTC hour (date_trunc('hour', created_at, 'UTC')).
+  attribution_status text not null,  -- The rows' attribution_status (api_key_id is set exactly when it is `resolved`).
+  is_anonymous boolean not null,  -- The rows' is_anonymous.
+  has_user boolean not null,  -- Whether the rows' user_id is set.
+  initial_attribution text not null,  -- The rows' initial_attribution, `unknown` for rows recorded before it was kept.
+  requests bigint not null  -- How many rows.
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: @behavior -*
+Request counts per UTC hour and attribution outcome, recomputed from the raw rows by app_private.refresh_attribution_rollups(). Read through app_public.attribution_counts_by_hour(), which adds the hours not settled yet from the raw rows.
+constraint attribution_rollups_hourly_hour_check CHECK (hour = date_trunc('hour'::text, hour, 'UTC'::text));
+constraint attribution_rollups_hourly_pkey PRIMARY KEY (hour, attribution_status, is_anonymous, has_user, initial_attribution);
+constraint attribution_rollups_hourly_requests_check CHECK (requests > 0);
+CREATE UNIQUE INDEX attribution_rollups_hourly_pkey ON app_public.attribution_rollups_hourly USING btree (hour, attribution_status, is_anonymous, has_user, initial_attribution);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts read the rollups (they see every request anyway); users read raw rows through their own policy.
+
 create table app_public.chat_completion_requests (
   id bigint not null generated by default as identity,  -- Row number, unique with created_at (the partition key).
   request_id text not null default (gen_random_uuid())::text,  -- The request's id, unique across the ledger: re-inserting a request with the same request_id is ignored (idempotent re-delivery).
@@ -233,7 +383,8 @@ create table app_public.chat_completion_requests (
   attribution_next_attempt_at timestamp with time zone,  -- When a pending row is due to be looked up again.
   attribution_error text,  -- The last error met while attributing this row, for diagnosis.
   attributed_at timestamp with time zone,  -- When api_key_id was set.
-  spooled_at timestamp with time zone  -- When the service could not reach the database and wrote this row to its durable local spool; the row was replayed later. NULL for rows written directly.
+  spooled_at timestamp with time zone,  -- When the service could not reach the database and wrote this row to its durable local spool; the row was replayed later. NULL for rows written directly.
+  initial_attribution text  -- The attribution outcome at insert, set by the insert trigger and never changed: `resolved_lookup`, `resolved_dev` (the development key), `pending_not_found` (the key hash matched no key yet), `pending_lookup_failed` (the writer declared its own key lookup failed), `failed_dev_bypass`, `failed_no_key` or `anonymous`. NULL for rows recorded before keytrack kept it. The monotonic Prometheus counters count it.
 ) partition by RANGE (created_at);
 -- row level security: enabled
 -- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
@@ -262,9 +413,13 @@ CREATE INDEX chat_completion_requests_pending_hash_idx ON ONLY app_public.chat_c
 CREATE INDEX chat_completion_requests_pending_idx ON ONLY app_public.chat_completion_requests USING btree (attribution_next_attempt_at) WHERE (attribution_status = 'pending'::text);
 CREATE UNIQUE INDEX chat_completion_requests_pkey ON ONLY app_public.chat_completion_requests USING btree (id, created_at);
 CREATE INDEX chat_completion_requests_request_id_idx ON ONLY app_public.chat_completion_requests USING btree (request_id);
+CREATE INDEX chat_completion_requests_unattributed_idx ON ONLY app_public.chat_completion_requests USING btree (created_at) WHERE (attribution_status = ANY (ARRAY['pending'::text, 'failed'::text]));
 CREATE INDEX chat_completion_requests_user_id_idx ON ONLY app_public.chat_completion_requests USING btree (user_id);
 CREATE INDEX idx_chat_completion_requests_is_anonymous ON ONLY app_public.chat_completion_requests USING btree (is_anonymous);
+CREATE TRIGGER _200_keep_initial_attribution BEFORE UPDATE ON app_public.chat_completion_requests FOR EACH ROW WHEN (old.initial_attribution IS DISTINCT FROM new.initial_attribution) EXECUTE FUNCTION app_private.tg_chat_completion_requests__keep_initial_attribution();  -- Keeps initial_attribution immutable (see app_private.tg_chat_completion_requests__keep_initial_attribution).
 CREATE TRIGGER _500_attribute BEFORE INSERT ON app_public.chat_completion_requests FOR EACH ROW EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- Claims the request_id and attributes the row (see app_private.tg_chat_completion_requests__attribute).
+CREATE TRIGGER _900_mark_rollup_hours_delete AFTER DELETE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Marks ended hours that lost rows dirty for the rollups.
+CREATE TRIGGER _900_mark_rollup_hours_update AFTER UPDATE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Marks ended hours whose rows changed attribution (retry, backfill) dirty for the rollups.
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every request.
 policy select_own for r to keytrack_user using ((user_id = app_public.current_user_id()));  -- A user sees only the requests attributed to them.
 
@@ -293,6 +448,57 @@ policy update_admin for w to keytrack_admin using (true);  -- Admins change user
 
 -- 5 monthly partitions (chat_completion_requests_pYYYY_MM) made by create_partitions(), not listed.
 
+CREATE OR REPLACE FUNCTION app_private.attribution_metrics()
+ RETURNS app_private.attribution_metrics
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET "TimeZone" TO 'UTC'
+AS $function$
+declare
+  m app_private.attribution_metrics;
+  e jsonb;
+  v_authenticated bigint;
+  v_with_key bigint;
+begin
+  select coalesce(sum(q.requests) filter (where q.initial_attribution in ('resolved_lookup', 'resolved_dev')), 0),
+         coalesce(sum(q.requests) filter (where q.initial_attribution in ('pending_not_found', 'pending_lookup_failed')), 0),
+         coalesce(sum(q.requests) filter (where q.initial_attribution = 'resolved_lookup'), 0),
+         coalesce(sum(q.requests) filter (where q.initial_attribution = 'resolved_dev'), 0),
+         coalesce(sum(q.requests) filter (where q.initial_attribution = 'anonymous'), 0),
+         coalesce(sum(q.requests) filter (where q.initial_attribution = 'pending_lookup_failed'), 0),
+         coalesce(sum(q.requests) filter (where q.initial_attribution = 'failed_dev_bypass'), 0),
+         coalesce(sum(q.requests) filter (where q.initial_attribution = 'failed_no_key'), 0),
+         coalesce(sum(q.requests) filter (where q.attribution_status = 'pending'), 0),
+         coalesce(sum(q.requests) filter (where q.attribution_status = 'failed'), 0)
+    into m.lookup_attempts_success, m.lookup_attempts_retry,
+         m.tracking_success_authenticated, m.tracking_success_dev,
+         m.tracking_failures_anonymous, m.tracking_failures_lookup_failed, m.tracking_failures_dev_bypass,
+         m.tracking_failures_no_key, m.pending_attributions, m.failed_attributions
+    from app_public.attribution_counts_by_hour('-infinity') q;
+  select coalesce(jsonb_object_agg(a.event, a.occurrences), '{}') into e from app_private.attribution_events a;
+  m.lookup_attempts_success := m.lookup_attempts_success + coalesce((e ->> 'retry_resolved')::bigint, 0)
+                               + coalesce((e ->> 'backfill_resolved_by_hash')::bigint, 0);
+  m.lookup_attempts_retry := m.lookup_attempts_retry + coalesce((e ->> 'retry_still_pending')::bigint, 0);
+  m.lookup_attempts_failed := coalesce((e ->> 'retry_failed')::bigint, 0) + coalesce((e ->> 'backfill_unknown_hash')::bigint, 0);
+  m.tracking_success_retry := coalesce((e ->> 'retry_resolved')::bigint, 0);
+  m.tracking_success_backfill := coalesce((e ->> 'backfill_resolved_by_hash')::bigint, 0)
+                                 + coalesce((e ->> 'backfill_resolved_by_only_key')::bigint, 0);
+  m.tracking_failures_anonymous := m.tracking_failures_anonymous + coalesce((e ->> 'backfill_anonymized')::bigint, 0);
+  m.tracking_failures_not_found := coalesce((e ->> 'retry_failed')::bigint, 0);
+  m.tracking_failures_no_key := m.tracking_failures_no_key + coalesce((e ->> 'backfill_no_key')::bigint, 0);
+  m.tracking_failures_ambiguous := coalesce((e ->> 'backfill_ambiguous')::bigint, 0);
+  select count(*) filter (where not c.is_anonymous), count(*) filter (where not c.is_anonymous and c.api_key_id is not null)
+    into v_authenticated, v_with_key
+    from app_public.chat_completion_requests c
+   where c.created_at >= now() - interval '1 hour';
+  m.authenticated_tracking_rate := v_with_key::double precision / nullif(v_authenticated, 0);
+  return m;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: The numbers behind the spec's Prometheus metrics, one row: cumulative counters that never decrease (insert-time outcomes counted from initial_attribution, so a row resolved or failed later does not lower them; retry and backfill events from app_private.attribution_events) and gauges (pending and failed rows now, the authenticated tracking rate of the last 60 minutes). Rows recorded before initial_attribution existed are not counted. For the service (the owner).
+
 CREATE OR REPLACE FUNCTION app_private.authenticate_api_key(key_hash bytea)
  RETURNS app_private.authenticated_api_key
  LANGUAGE sql
@@ -314,6 +520,22 @@ AS $function$
 $function$;
 -- acl: keytrack_authenticator=X/keytrack_owner, keytrack_owner=X/keytrack_owner
 -- comment: Looks up a presented key by its hash: the key id, the user id and whether the key is usable now (not revoked, not expired), with the reason when not. Always returns one row.
+
+CREATE OR REPLACE FUNCTION app_private.count_attribution_events(events text[], counts bigint[])
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+  -- Always in event order, so concurrent batches lock the counter rows in the
+  -- same order and never deadlock.
+  insert into app_private.attribution_events as e (event, occurrences, updated_at)
+    select u.event, u.n, now() from unnest(events, counts) as u(event, n) where u.n > 0 order by u.event
+    on conflict (event) do update set occurrences = e.occurrences + excluded.occurrences, updated_at = excluded.updated_at;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Adds counts[i] to the counter of events[i] in app_private.attribution_events (zeros skipped). Called once per retry or backfill batch.
 
 CREATE OR REPLACE FUNCTION app_private.create_partitions(months_ahead integer DEFAULT 3)
  RETURNS integer
@@ -385,6 +607,33 @@ $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: Comments a partition of chat_completion_requests and copies the parent's column comments onto it, so \d+ on a partition explains itself too.
 
+CREATE OR REPLACE FUNCTION app_private.freeze_attribution_rollups(before timestamp with time zone)
+ RETURNS app_public.attribution_rollup_state
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_state app_public.attribution_rollup_state;
+begin
+  select * into v_state from app_public.attribution_rollup_state for update;
+  if before is null or before <> date_trunc('hour', before, 'UTC') then
+    raise exception 'before must be a whole UTC hour, got %', before using errcode = '22023';
+  end if;
+  if before > v_state.settled_through then
+    raise exception 'rollups are settled only up to %; refresh them before freezing up to %', v_state.settled_through, before
+      using errcode = '55000';
+  end if;
+  if exists (select 1 from app_public.attribution_rollup_dirty_hours d where d.hour < before and d.hour >= v_state.frozen_before) then
+    raise exception 'hours before % are marked dirty; refresh the rollups first', before using errcode = '55000';
+  end if;
+  update app_public.attribution_rollup_state s set frozen_before = greatest(s.frozen_before, before)
+    returning * into v_state;
+  return v_state;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Call before dropping raw partitions (retention): hours before `before` keep their rollups forever and are never recomputed from raw rows that may be gone. Refuses while those hours are not settled or are marked dirty.
+
 CREATE OR REPLACE FUNCTION app_private.get_or_create_dev_api_key()
  RETURNS text
  LANGUAGE plpgsql
@@ -421,6 +670,26 @@ $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: The spec's development key: creates, once, the user dev@localhost and the real key dev_local_{user_id}_local_development (stored hashed, environment development) and returns the key. Raises 28000 when that key was revoked. Called by the service at start-up with APP_ENV=development only.
 
+CREATE OR REPLACE FUNCTION app_private.invalidate_attribution_rollups(since timestamp with time zone, until timestamp with time zone)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_count integer;
+begin
+  if since is null or until is null or since >= until or since = '-infinity' or until = 'infinity' then
+    raise exception 'since and until must be finite with since < until' using errcode = '22023';
+  end if;
+  insert into app_public.attribution_rollup_dirty_hours (hour)
+    select h from generate_series(date_trunc('hour', since, 'UTC'), until - interval '1 microsecond', interval '1 hour') h;
+  get diagnostics v_count = row_count;
+  return v_count;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Marks every UTC hour that overlaps [since, until) dirty, so reads scan it raw and the next refresh recomputes it. For loads that bypass triggers (session_replication_role = replica, COPY into a partition). Returns how many hours it marked.
+
 CREATE OR REPLACE FUNCTION app_private.is_admin()
  RETURNS boolean
  LANGUAGE sql
@@ -433,6 +702,104 @@ AS $function$
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: True when the calling role (the role setting, or the session user when none is set) has the privileges of keytrack_admin: the service maps ADMIN_API_KEY and admin users to it; the owner and superusers count too. Correct inside security definer functions.
+
+CREATE OR REPLACE FUNCTION app_private.refresh_attribution_rollups()
+ RETURNS app_private.attribution_rollup_refresh_result
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET jit TO 'off'
+AS $function$
+declare
+  v_state app_public.attribution_rollup_state;
+  v_target timestamptz;
+  v_settled timestamptz;
+  v_from timestamptz;
+  v_hours timestamptz[];
+  v_result app_private.attribution_rollup_refresh_result;
+begin
+  -- Each statement below needs a snapshot newer than the one before (the
+  -- recount must see the rows whose marks were consumed, and the writers the
+  -- fence waited for): READ COMMITTED only.
+  if current_setting('transaction_isolation') <> 'read committed' then
+    raise exception 'refresh_attribution_rollups() must run in a READ COMMITTED transaction, not %', current_setting('transaction_isolation')
+      using errcode = '25001';
+  end if;
+  -- One refresh at a time; a second one has nothing to add.
+  select * into v_state from app_public.attribution_rollup_state for update skip locked;
+  if not found then
+    return v_result;
+  end if;
+  v_target := date_trunc('hour', clock_timestamp(), 'UTC');
+  v_settled := v_state.settled_through;
+  if v_state.fence_until is not null
+     and not exists (select 1 from pg_catalog.pg_locks l where l.virtualtransaction = any(v_state.fence_transactions)) then
+    v_settled := greatest(v_state.settled_through, v_state.fence_until);
+    v_state.fence_transactions := null;
+    v_state.fence_until := null;
+    v_state.fence_set_at := null;
+  end if;
+  -- Consume the marks of every hour that is settled after this run; those
+  -- before the old settled_through (and not frozen) need a recount.
+  with consumed as (
+    delete from app_public.attribution_rollup_dirty_hours d where d.hour < v_settled returning d.hour
+  )
+  select array_agg(distinct c.hour) into v_hours from consumed c
+   where c.hour < v_state.settled_through and c.hour >= v_state.frozen_before;
+  -- Newly settled hours, counted from the raw rows (this statement's snapshot
+  -- is newer than the one that consumed the marks).
+  v_from := greatest(v_state.settled_through, v_state.frozen_before);
+  if v_from < v_settled then
+    delete from app_public.attribution_rollups_hourly r where r.hour >= v_from and r.hour < v_settled;
+    insert into app_public.attribution_rollups_hourly (hour, attribution_status, is_anonymous, has_user, initial_attribution, requests)
+      select date_trunc('hour', c.created_at, 'UTC'), c.attribution_status, c.is_anonymous, c.user_id is not null,
+             coalesce(c.initial_attribution, 'unknown'), count(*)
+        from app_public.chat_completion_requests c
+       where c.created_at >= v_from and c.created_at < v_settled
+       group by 1, 2, 3, 4, 5;
+  end if;
+  -- Dirty hours, recounted.
+  if v_hours is not null then
+    delete from app_public.attribution_rollups_hourly r where r.hour = any(v_hours);
+    insert into app_public.attribution_rollups_hourly (hour, attribution_status, is_anonymous, has_user, initial_attribution, requests)
+      select h.hour, c.attribution_status, c.is_anonymous, c.user_id is not null,
+             coalesce(c.initial_attribution, 'unknown'), count(*)
+        from unnest(v_hours) as h(hour)
+        join app_public.chat_completion_requests c on c.created_at >= h.hour and c.created_at < h.hour + interval '1 hour'
+       group by 1, 2, 3, 4, 5;
+  end if;
+  -- The next fence: hours up to v_target settle once every transaction that
+  -- holds a write lock on the ledger now has ended. Read after v_target: a
+  -- writer that still saw one of those hours open took its lock before, and
+  -- keeps it until it ends (locks are released after the commit is visible).
+  if v_state.fence_until is null and v_settled < v_target then
+    select coalesce(array_agg(distinct l.virtualtransaction), '{}') into v_state.fence_transactions
+      from pg_catalog.pg_locks l
+     where l.locktype = 'relation'
+       and l.database = (select d.oid from pg_catalog.pg_database d where d.datname = current_database())
+       and l.mode in ('RowExclusiveLock', 'ShareRowExclusiveLock', 'ExclusiveLock', 'AccessExclusiveLock')
+       and l.relation in (select 'app_public.chat_completion_requests'::regclass
+                          union all
+                          select i.inhrelid::regclass from pg_catalog.pg_inherits i
+                           where i.inhparent = 'app_public.chat_completion_requests'::regclass);
+    v_state.fence_until := v_target;
+    v_state.fence_set_at := now();
+  end if;
+  update app_public.attribution_rollup_state s set
+    settled_through = v_settled,
+    fence_transactions = v_state.fence_transactions,
+    fence_until = v_state.fence_until,
+    fence_set_at = v_state.fence_set_at,
+    refreshed_at = now();
+  v_result.settled_through := v_settled;
+  v_result.settled_hours := case when v_state.settled_through = '-infinity' then 0
+                                 else (extract(epoch from v_settled - v_state.settled_through) / 3600)::integer end;
+  v_result.recomputed_hours := coalesce(cardinality(v_hours), 0);
+  v_result.waiting_since := v_state.fence_set_at;
+  return v_result;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: The rollup worker's body (every minute): settles the hours whose fence has passed (counts them from the raw rows), recomputes the hours marked dirty since, consumes their marks and takes the next fence. Idempotent; concurrent runs skip. Reads are exact whether or not it runs; it only makes them cheaper.
 
 CREATE OR REPLACE FUNCTION app_private.resolve_pending_attributions(batch_size integer DEFAULT 500, max_attempts integer DEFAULT 10, base_delay interval DEFAULT '00:00:01'::interval, max_delay interval DEFAULT '00:10:00'::interval, as_of timestamp with time zone DEFAULT now())
  RETURNS app_private.attribution_retry_result
@@ -490,6 +857,11 @@ begin
          count(*) filter (where attribution_status = 'pending')::int
     into v_result.examined, v_result.resolved, v_result.failed, v_result.still_pending
     from updated;
+  if v_result.examined > 0 then
+    perform app_private.count_attribution_events(
+      array['retry_resolved', 'retry_still_pending', 'retry_failed'],
+      array[v_result.resolved, v_result.still_pending, v_result.failed]::bigint[]);
+  end if;
   select min(r.attribution_next_attempt_at) into v_result.next_attempt_at
     from app_public.chat_completion_requests r
    where r.attribution_status = 'pending';
@@ -500,7 +872,7 @@ begin
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: The retry worker's body: takes up to batch_size due pending rows (FOR UPDATE SKIP LOCKED, so workers run in parallel safely), looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Reschedules the worker for the next due row. Idempotent.
+-- comment: The retry worker's body: takes up to batch_size due pending rows (FOR UPDATE SKIP LOCKED, so workers run in parallel safely), looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Counts the outcomes in app_private.attribution_events (one upsert per batch). Reschedules the worker for the next due row. Idempotent.
 
 CREATE OR REPLACE FUNCTION app_private.run_attribution_backfill_batch(backfill_id bigint)
  RETURNS app_public.attribution_backfills
@@ -515,6 +887,10 @@ declare
   v_ambiguous integer;
   v_no_key integer;
   v_anonymized integer;
+  v_by_hash integer;
+  v_unknown_hash integer;
+  v_new_ambiguous integer;
+  v_new_no_key integer;
   v_last_created_at timestamptz;
   v_last_id bigint;
   v_from_created_at timestamptz;
@@ -531,7 +907,7 @@ begin
   v_from_created_at := coalesce(v_run.cursor_created_at, '-infinity'::timestamptz);
   v_from_id := coalesce(v_run.cursor_id, -1);
   with batch as (
-    select r.id, r.created_at, r.api_key_hash, r.user_id, r.is_anonymous
+    select r.id, r.created_at, r.api_key_hash, r.user_id, r.is_anonymous, r.attribution_status, r.attribution_reason
       from app_public.chat_completion_requests r
      where r.api_key_id is null
        and r.created_at < v_run.upto
@@ -541,6 +917,7 @@ begin
      for update
   ), decided as (
     select b.id, b.created_at, b.is_anonymous as was_anonymous,
+           b.attribution_status as was_status, b.attribution_reason as was_reason,
            by_hash.key_id as hash_key_id, by_hash.user_id as hash_user_id,
            alive.n as alive_keys, alive.key_id as alive_key_id,
            case
@@ -583,17 +960,28 @@ begin
       attributed_at = case when d.decision in ('hash', 'only_key') then now() end
     from decided d
     where r.id = d.id and r.created_at = d.created_at
-    returning d.decision, d.was_anonymous, r.created_at, r.id
+    returning d.decision, d.was_anonymous, d.was_status, d.was_reason, r.created_at, r.id
   )
   select count(*),
          count(*) filter (where decision in ('hash', 'only_key')),
          count(*) filter (where decision = 'ambiguous'),
          count(*) filter (where decision = 'no_key'),
          count(*) filter (where decision = 'anonymous' and not was_anonymous),
+         count(*) filter (where decision = 'hash'),
+         count(*) filter (where decision = 'unknown_hash'),
+         count(*) filter (where decision = 'ambiguous' and (was_status, was_reason) is distinct from ('failed', 'ambiguous')),
+         count(*) filter (where decision = 'no_key' and (was_status, was_reason) is distinct from ('failed', 'no_key')),
          (array_agg(created_at order by created_at desc, id desc))[1],
          (array_agg(id order by created_at desc, id desc))[1]
-    into v_examined, v_filled, v_ambiguous, v_no_key, v_anonymized, v_last_created_at, v_last_id
+    into v_examined, v_filled, v_ambiguous, v_no_key, v_anonymized, v_by_hash, v_unknown_hash,
+         v_new_ambiguous, v_new_no_key, v_last_created_at, v_last_id
     from updated;
+  if v_examined > 0 then
+    perform app_private.count_attribution_events(
+      array['backfill_resolved_by_hash', 'backfill_resolved_by_only_key', 'backfill_unknown_hash',
+            'backfill_ambiguous', 'backfill_no_key', 'backfill_anonymized'],
+      array[v_by_hash, v_filled - v_by_hash, v_unknown_hash, v_new_ambiguous, v_new_no_key, v_anonymized]::bigint[]);
+  end if;
   update app_public.attribution_backfills b set
     examined = b.examined + v_examined,
     filled = b.filled + v_filled,
@@ -612,7 +1000,7 @@ begin
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: Runs one batch of an attribution backfill (one short transaction): the next batch_size rows without api_key_id created before the run started, in (created_at, id) order from the saved cursor. Fills api_key_id from the key hash, else from the user's only key alive at the request's time (method backfill); leaves ambiguous rows NULL (reason ambiguous) and rows whose user had no key (reason no_key); flags rows with neither key nor user anonymous. Resumable; finishes the run on a short batch.
+-- comment: Runs one batch of an attribution backfill (one short transaction): the next batch_size rows without api_key_id created before the run started, in (created_at, id) order from the saved cursor. Fills api_key_id from the key hash, else from the user's only key alive at the request's time (method backfill); leaves ambiguous rows NULL (reason ambiguous) and rows whose user had no key (reason no_key); flags rows with neither key nor user anonymous. Counts the outcomes in app_private.attribution_events (one upsert per batch). Resumable; finishes the run on a short batch.
 
 CREATE OR REPLACE FUNCTION app_private.schedule_attribution_retry(run_at timestamp with time zone DEFAULT now())
  RETURNS void
@@ -659,12 +1047,22 @@ declare
   v_user_id uuid;
   v_env text;
   v_declared_reason text := new.attribution_reason;
+  v_hour timestamptz;
 begin
   insert into app_private.request_ids (request_id, created_at)
     values (new.request_id, new.created_at)
     on conflict do nothing;
   if not found then
     return null;  -- already recorded: re-delivery changes nothing
+  end if;
+  -- After the insert above, which gave this transaction its id: a row whose
+  -- hour is still open here is covered by the rollup refresh's fence.
+  if new.created_at < date_trunc('hour', clock_timestamp(), 'UTC') then
+    v_hour := date_trunc('hour', new.created_at, 'UTC');
+    if current_setting('keytrack.rollup_marked_hour', true) is distinct from v_hour::text then
+      insert into app_public.attribution_rollup_dirty_hours (hour) values (v_hour);
+      perform set_config('keytrack.rollup_marked_hour', v_hour::text, true);
+    end if;
   end if;
   new.attribution_method := null;
   new.attribution_reason := null;
@@ -683,14 +1081,23 @@ begin
       new.attribution_status := 'resolved';
       new.attribution_method := case when v_env = 'development' then 'dev' else 'lookup' end;
       new.attributed_at := now();
+      new.initial_attribution := case when v_env = 'development' then 'resolved_dev' else 'resolved_lookup' end;
     elsif v_declared_reason = 'dev_bypass' then
       new.api_key_id := null;
       new.attribution_status := 'failed';
       new.attribution_reason := 'dev_bypass';
+      new.initial_attribution := 'failed_dev_bypass';
     else
       new.api_key_id := null;
       new.attribution_status := 'pending';
-      new.attribution_reason := 'not_found';
+      if v_declared_reason = 'lookup_failed' then
+        new.attribution_reason := 'lookup_failed';
+        new.attribution_error := coalesce(new.attribution_error, 'the writer''s own key lookup failed');
+        new.initial_attribution := 'pending_lookup_failed';
+      else
+        new.attribution_reason := 'not_found';
+        new.initial_attribution := 'pending_not_found';
+      end if;
       new.attribution_next_attempt_at := now();
       perform app_private.schedule_attribution_retry(now());
     end if;
@@ -704,19 +1111,68 @@ begin
     new.attribution_status := 'resolved';
     new.attribution_method := case when v_env = 'development' then 'dev' else 'lookup' end;
     new.attributed_at := now();
+    new.initial_attribution := case when v_env = 'development' then 'resolved_dev' else 'resolved_lookup' end;
   elsif new.user_id is not null then
     new.is_anonymous := false;
     new.attribution_status := 'failed';
     new.attribution_reason := 'no_key';
+    new.initial_attribution := 'failed_no_key';
   else
     new.is_anonymous := true;
     new.attribution_status := 'anonymous';
+    new.initial_attribution := 'anonymous';
   end if;
   return new;
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: Trigger function (BEFORE INSERT on chat_completion_requests): makes request_id idempotent and attributes the row from api_key_hash (resolved; pending, which wakes the retry worker; failed with dev_bypass when the writer declared the development bypass), api_key_id, user_id (failed: no_key) or nothing (anonymous).
+-- comment: Trigger function (BEFORE INSERT on chat_completion_requests): makes request_id idempotent and attributes the row from api_key_hash (resolved; pending, which wakes the retry worker, with reason not_found or, when the writer declared it, lookup_failed; failed with dev_bypass when the writer declared the development bypass), api_key_id, user_id (failed: no_key) or nothing (anonymous). Records the outcome in initial_attribution, and marks the row's hour dirty for the rollups when that hour has already ended.
+
+CREATE OR REPLACE FUNCTION app_private.tg_chat_completion_requests__keep_initial_attribution()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+  raise exception 'initial_attribution is the insert-time outcome of request % and never changes', old.request_id
+    using errcode = '55000';
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Trigger function (BEFORE UPDATE on chat_completion_requests, only when initial_attribution would change): refuses the change, so counters derived from it never go down.
+
+CREATE OR REPLACE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_open_hour timestamptz := date_trunc('hour', clock_timestamp(), 'UTC');
+begin
+  if tg_op = 'DELETE' then
+    insert into app_public.attribution_rollup_dirty_hours (hour)
+      select distinct date_trunc('hour', o.created_at, 'UTC') from old_rows o where o.created_at < v_open_hour;
+  else
+    -- Only rows whose rolled-up columns changed (a retry that leaves a row
+    -- pending changes nothing a rollup counts).
+    insert into app_public.attribution_rollup_dirty_hours (hour)
+      select distinct date_trunc('hour', x.created_at, 'UTC') from (
+        (select o.created_at, o.attribution_status, o.is_anonymous, o.user_id is null as no_user from old_rows o
+         except all
+         select n.created_at, n.attribution_status, n.is_anonymous, n.user_id is null from new_rows n)
+        union all
+        (select n.created_at, n.attribution_status, n.is_anonymous, n.user_id is null as no_user from new_rows n
+         except all
+         select o.created_at, o.attribution_status, o.is_anonymous, o.user_id is null from old_rows o)
+      ) x
+      where x.created_at < v_open_hour;
+  end if;
+  return null;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Trigger function (AFTER UPDATE/DELETE FOR EACH STATEMENT on chat_completion_requests, with transition tables): marks the UTC hours that already ended and whose rolled-up counts the statement changed in attribution_rollup_dirty_hours, one row per hour per statement. Writes nothing for rows of the current hour.
 
 CREATE OR REPLACE FUNCTION app_public.api_key_hash(key text)
  RETURNS bytea
@@ -726,6 +1182,236 @@ AS $function$ select sha256(convert_to(key, 'UTF8')) $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
 -- comment: @behavior -queryField
 The hash keytrack stores and matches for an API key: sha256(convert_to(key, 'UTF8')) as bytea. Writers present this in chat_completion_requests.api_key_hash; the key itself is stored nowhere.
+
+CREATE OR REPLACE FUNCTION app_public.api_key_tracking_quality_report(hours integer DEFAULT 24)
+ RETURNS app_public.api_key_tracking_quality_report
+ LANGUAGE plpgsql
+ STABLE
+ SET "TimeZone" TO 'UTC'
+AS $function$
+declare
+  r app_public.api_key_tracking_quality_report;
+  v_pct_key_user numeric;
+  v_pct_pending numeric;
+  v_pct_failed numeric;
+begin
+  if hours is null or hours < 1 or hours > 168 then
+    raise exception 'hours must be an integer between 1 and 168, got %', hours using errcode = '22023';
+  end if;
+  r.hours := hours;
+  r.end_time := now();
+  r.start_time := r.end_time - make_interval(hours => hours);
+  select coalesce(sum(q.requests), 0),
+         coalesce(sum(q.requests) filter (where q.attribution_status = 'resolved'), 0),
+         coalesce(sum(q.requests) filter (where q.attribution_status <> 'resolved' and q.has_user), 0),
+         coalesce(sum(q.requests) filter (where q.attribution_status <> 'resolved' and not q.has_user), 0),
+         coalesce(sum(q.requests) filter (where q.is_anonymous), 0),
+         coalesce(sum(q.requests) filter (where q.attribution_status = 'pending'), 0),
+         coalesce(sum(q.requests) filter (where q.attribution_status = 'failed'), 0)
+    into r.total_requests, r.requests_with_api_key, r.null_key_with_valid_user, r.both_null_likely_anonymous,
+         r.anonymous_requests, r.pending_attributions, r.failed_attributions
+    from app_public.attribution_counts_by_hour(r.start_time, r.end_time + interval '1 microsecond') q;
+  r.requests_without_api_key := r.total_requests - r.requests_with_api_key;
+  r.authenticated_requests := r.total_requests - r.anonymous_requests;
+  r.tracking_rate_percent := coalesce(round(r.requests_with_api_key * 100.0 / nullif(r.total_requests, 0), 2), 0);
+  r.null_key_with_valid_user_percent := coalesce(round(r.null_key_with_valid_user * 100.0 / nullif(r.total_requests, 0), 2), 0);
+  r.both_null_percent := coalesce(round(r.both_null_likely_anonymous * 100.0 / nullif(r.total_requests, 0), 2), 0);
+  r.authenticated_tracking_rate_percent := round(r.requests_with_api_key * 100.0 / nullif(r.authenticated_requests, 0), 2);
+  r.alert_status := case
+    when r.authenticated_tracking_rate_percent is null then 'no_data'
+    when r.authenticated_tracking_rate_percent >= 90 then 'ok'
+    when r.authenticated_tracking_rate_percent >= 70 then 'warning'
+    else 'critical' end;
+  -- Each recommendation has its condition; shares of authenticated requests,
+  -- so anonymous traffic never raises one except the anonymous share itself.
+  v_pct_key_user := round(r.null_key_with_valid_user * 100.0 / nullif(r.authenticated_requests, 0), 2);
+  v_pct_pending := round(r.pending_attributions * 100.0 / nullif(r.authenticated_requests, 0), 2);
+  v_pct_failed := round(r.failed_attributions * 100.0 / nullif(r.authenticated_requests, 0), 2);
+  r.recommendations := '{}';
+  if r.authenticated_requests = 0 then
+    r.recommendations := r.recommendations || format(
+      'No authenticated requests in the last %s hours: tracking quality cannot be assessed.', hours);
+  end if;
+  if v_pct_key_user >= 1 then
+    r.recommendations := r.recommendations || format(
+      '%s requests (%s%% of authenticated requests) name a user but no API key: their key lookup failed or they predate key tracking. Run the attribution backfill (npm run backfill) and check the writers'' logs.',
+      r.null_key_with_valid_user, v_pct_key_user);
+  end if;
+  if r.both_null_percent > 20 then
+    r.recommendations := r.recommendations || format(
+      '%s requests (%s%%) have neither an API key nor a user. Make sure this much anonymous traffic is expected (ALLOW_ANONYMOUS).',
+      r.both_null_likely_anonymous, r.both_null_percent);
+  end if;
+  if r.authenticated_tracking_rate_percent < 90 then
+    r.recommendations := r.recommendations || format(
+      'The authenticated tracking rate is %s%%, below 90%%. Review key lookups, the retry worker and the backfill.',
+      r.authenticated_tracking_rate_percent);
+  end if;
+  if v_pct_pending >= 1 then
+    r.recommendations := r.recommendations || format(
+      '%s requests (%s%% of authenticated requests) are pending attribution: their key is not known yet. The retry worker resolves them when it appears; register keys issued elsewhere with import_api_key(), and check that the worker runs.',
+      r.pending_attributions, v_pct_pending);
+  end if;
+  if v_pct_failed >= 1 then
+    r.recommendations := r.recommendations || format(
+      '%s requests (%s%% of authenticated requests) failed attribution. See attribution_offenders() for the keys and users involved, and attribution_reason for why.',
+      r.failed_attributions, v_pct_failed);
+  end if;
+  if cardinality(r.recommendations) = 0 then
+    r.recommendations := array['API key tracking quality is good. No action needed.'];
+  end if;
+  return r;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: API key tracking quality over the last `hours` hours (1..168): the spec's report plus anonymous, pending and failed counts and the authenticated tracking rate, which decides the alert status (anonymous traffic never lowers it; no authenticated requests is no_data). Recommendations fire at 1% of authenticated requests naming a user but no key, pending or failed, at 20% of requests with neither key nor user, and below a 90% authenticated rate. From rollups plus the unsettled hours: equal to a raw scan. Admins and analysts.
+
+CREATE OR REPLACE FUNCTION app_public.api_key_tracking_trend(days integer DEFAULT 7)
+ RETURNS app_public.api_key_tracking_trend
+ LANGUAGE plpgsql
+ STABLE
+ SET "TimeZone" TO 'UTC'
+AS $function$
+declare
+  r app_public.api_key_tracking_trend;
+  v_since timestamptz;
+  v_until timestamptz;
+begin
+  if days is null or days < 1 or days > 30 then
+    raise exception 'days must be an integer between 1 and 30, got %', days using errcode = '22023';
+  end if;
+  r.period_days := days;
+  r.end_date := (now() at time zone 'UTC')::date;
+  r.start_date := r.end_date - (days - 1);
+  v_since := r.start_date::timestamp at time zone 'UTC';
+  v_until := (r.end_date + 1)::timestamp at time zone 'UTC';
+  with counts as (
+    select (q.hour at time zone 'UTC')::date as day,
+           sum(q.requests) as total,
+           coalesce(sum(q.requests) filter (where q.attribution_status = 'resolved'), 0) as with_key
+      from app_public.attribution_counts_by_hour(v_since, v_until) q
+     group by 1
+  ), per_day as (
+    select d::date as day, coalesce(c.total, 0)::bigint as total, coalesce(c.with_key, 0)::bigint as with_key
+      from generate_series(r.start_date, r.end_date, interval '1 day') d
+      left join counts c on c.day = d::date
+  )
+  select array_agg(row(d.day, d.total, d.with_key,
+                       coalesce(round(d.with_key * 100.0 / nullif(d.total, 0), 2), 0))::app_public.api_key_tracking_trend_day
+                   order by d.day),
+         sum(d.total)::bigint, sum(d.with_key)::bigint
+    into r.trend_data, r.total_requests, r.requests_with_api_key
+    from per_day d;
+  r.average_tracking_rate_percent := coalesce(round(r.requests_with_api_key * 100.0 / nullif(r.total_requests, 0), 2), 0);
+  return r;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: API key tracking per UTC calendar day over the last `days` days (1..30, today included so far), oldest first, with the period's summary (rate weighted by requests). From rollups plus the unsettled hours: equal to a raw scan. Admins and analysts.
+
+CREATE OR REPLACE FUNCTION app_public.attribution_counts_by_hour(since timestamp with time zone, until timestamp with time zone DEFAULT 'infinity'::timestamp with time zone)
+ RETURNS TABLE(hour timestamp with time zone, attribution_status text, is_anonymous boolean, has_user boolean, initial_attribution text, requests bigint)
+ LANGUAGE plpgsql
+ STABLE
+ SET jit TO 'off'
+ SET max_parallel_workers_per_gather TO '0'
+AS $function$
+declare
+  v_settled timestamptz;
+  v_frozen timestamptz;
+  v_first timestamptz;
+  v_last timestamptz;
+  v_raw_hours timestamptz[];
+begin
+  -- Invisible (not an admin or analyst): nothing is settled for this caller,
+  -- so everything is read raw, through the caller's row-level security.
+  select s.settled_through, s.frozen_before into v_settled, v_frozen from app_public.attribution_rollup_state s;
+  v_settled := coalesce(v_settled, '-infinity');
+  v_frozen := coalesce(v_frozen, '-infinity');
+  -- Whole UTC hours [v_first, v_last) may come from rollups.
+  v_first := date_trunc('hour', since, 'UTC');
+  if v_first < since then
+    v_first := v_first + interval '1 hour';
+  end if;
+  v_last := greatest(least(date_trunc('hour', until, 'UTC'), v_settled), v_first);
+  -- Among those, read raw: hours marked dirty (unless frozen), and hours that
+  -- do not fall inside one hour of the session's time zone (offsets that are
+  -- not whole hours), whose rows must be bucketed one by one.
+  select array_agg(x.h) into v_raw_hours from (
+    select d.hour as h from app_public.attribution_rollup_dirty_hours d
+     where d.hour >= v_first and d.hour < v_last and d.hour >= v_frozen
+    union
+    select r.hour from app_public.attribution_rollups_hourly r
+     where r.hour >= v_first and r.hour < v_last
+       and date_trunc('hour', r.hour) <> date_trunc('hour', r.hour + interval '59 minutes 59.999999 seconds')
+  ) x;
+  v_raw_hours := coalesce(v_raw_hours, '{}');
+  return query
+    select date_trunc('hour', r.hour), r.attribution_status, r.is_anonymous, r.has_user, r.initial_attribution, r.requests
+      from app_public.attribution_rollups_hourly r
+     where r.hour >= v_first and r.hour < v_last and r.hour <> all(v_raw_hours)
+    union all
+    select date_trunc('hour', c.created_at), c.attribution_status, c.is_anonymous, c.user_id is not null,
+           coalesce(c.initial_attribution, 'unknown'), count(*)
+      from (select since as lo, least(v_first, until) as hi   -- the partial first hour
+            union all
+            select greatest(v_last, since), until               -- the hours not settled yet
+            union all
+            select h, h + interval '1 hour' from unnest(v_raw_hours) h) rg
+      join app_public.chat_completion_requests c on c.created_at >= rg.lo and c.created_at < rg.hi
+     where rg.lo < rg.hi
+     group by 1, 2, 3, 4, 5;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
+-- comment: @behavior -queryField
+Requests created in [since, until) counted per hour (date_trunc('hour', created_at) in the session's time zone) and attribution outcome: settled rollups where they apply, raw rows for everything else, all in one snapshot, so the result always equals a scan of the raw rows. The same key can appear in several rows: sum them. Admins and analysts get rollups; other callers scan raw rows through their row-level security.
+
+CREATE OR REPLACE FUNCTION app_public.attribution_offenders(hours integer DEFAULT 24, max_rows integer DEFAULT 20)
+ RETURNS SETOF app_public.attribution_offender
+ LANGUAGE plpgsql
+ STABLE
+AS $function$
+declare
+  v_since timestamptz;
+begin
+  if hours is null or hours < 1 or hours > 8760 then
+    raise exception 'hours must be an integer between 1 and 8760, got %', hours using errcode = '22023';
+  end if;
+  if max_rows is null or max_rows < 1 or max_rows > 1000 then
+    raise exception 'max_rows must be an integer between 1 and 1000, got %', max_rows using errcode = '22023';
+  end if;
+  v_since := now() - make_interval(hours => hours);
+  return query
+    with unattributed as (
+      select c.api_key_hash, c.user_id, c.attribution_status, c.attribution_reason, c.created_at
+        from app_public.chat_completion_requests c
+       where c.attribution_status in ('pending', 'failed') and c.created_at >= v_since
+    ), grouped as (
+      select 'api_key_hash'::text as kind, encode(u.api_key_hash, 'hex') as api_key_hash, null::uuid as user_id,
+             count(*) as unattributed, count(*) filter (where u.attribution_status = 'pending') as pending,
+             count(*) filter (where u.attribution_status = 'failed') as failed,
+             array_agg(distinct u.attribution_reason) filter (where u.attribution_reason is not null) as reasons,
+             min(u.created_at) as first_seen, max(u.created_at) as last_seen
+        from unattributed u where u.api_key_hash is not null group by u.api_key_hash
+      union all
+      select 'user', null, u.user_id,
+             count(*), count(*) filter (where u.attribution_status = 'pending'),
+             count(*) filter (where u.attribution_status = 'failed'),
+             array_agg(distinct u.attribution_reason) filter (where u.attribution_reason is not null),
+             min(u.created_at), max(u.created_at)
+        from unattributed u where u.user_id is not null group by u.user_id
+    )
+    select g.kind, g.api_key_hash, g.user_id, usr.email, g.unattributed, g.pending, g.failed,
+           coalesce(g.reasons, '{}'), g.first_seen, g.last_seen
+      from grouped g
+      left join app_public.users usr on usr.id = g.user_id
+     order by g.unattributed desc, g.last_seen desc, g.kind, g.api_key_hash, g.user_id
+     limit max_rows;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: The key hashes and users behind the most unattributed (pending or failed) requests in the last `hours` hours (1..8760), most first, at most max_rows (1..1000) in all. A request naming both a user and a key hash counts for both. Admins and analysts.
 
 CREATE OR REPLACE FUNCTION app_public.create_api_key(user_id uuid, name text DEFAULT 'default'::text, environment text DEFAULT 'live'::text, expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS app_public.created_api_key

@@ -19,6 +19,7 @@ import { installAdminAuth } from "./middleware/installAdminAuth.js";
 import { installErrorHandler } from "./middleware/installErrorHandler.js";
 import { installHealth } from "./middleware/installHealth.js";
 import { installPostGraphile } from "./middleware/installPostGraphile.js";
+import { installMetrics } from "./metrics/installMetrics.js";
 
 export interface AppContext {
   config: ConnectedConfig;
@@ -49,6 +50,8 @@ export async function makeApp(ctx: AppContext, options: MakeAppOptions = {}): Pr
   app.disable("x-powered-by");
 
   installHealth(app, ctx);
+  // Times every later request (http_request_duration_seconds); /metrics itself is an installer.
+  installMetrics(app, ctx);
   // application/json bodies for every route; grafserv uses the parsed body when present.
   app.use(express.json({ limit: ctx.config.bodyLimit }));
   installAdminAuth(app, ctx);

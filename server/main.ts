@@ -17,11 +17,18 @@ import { prepareDatabase } from "./db/prepare.js";
 import { createRecorder } from "./recording/recorder.js";
 import { getDevKey } from "./devMode.js";
 import { startWorker } from "./worker/runner.js";
+import { metricsEndpoint } from "./metrics/installMetrics.js";
+import { WorkerJobCounts } from "./metrics/workerJobs.js";
 import { createLogger, type Logger } from "./log.js";
+import { installChat } from "./chat/installChat.js";
+import { installMonitoring } from "./monitoring/installMonitoring.js";
 
 export interface StartServerOptions {
   log?: Logger;
-  /** Extra route groups mounted before the 404 handler. */
+  /**
+   * The route groups mounted after GraphQL, before the 404 handler; default:
+   * the service's own (SERVICE_INSTALLERS). /metrics is always mounted.
+   */
   installers?: Installer[];
 }
 
@@ -33,6 +40,9 @@ export interface RunningServer {
   /** Stops accepting connections, then releases PostGraphile, the pools and the embedded PostgreSQL. */
   close(): Promise<void>;
 }
+
+/** The service's route groups: the OpenAI-compatible gateway (/v1), the admin monitoring endpoints. */
+export const SERVICE_INSTALLERS: Installer[] = [installChat, installMonitoring];
 
 const SHUTDOWN_GRACE_MS = 5000;
 
@@ -84,17 +94,19 @@ export async function startServer(config: Config, options: StartServerOptions = 
     const pools = createPools(connected.db, log);
     undo.push(() => closePools(pools));
 
-    const recorder = createRecorder({ pool: pools.owner, dataDir: connected.dataDir, log: log.child({ component: "recorder" }) });
+    const recorder = createRecorder({ pool: pools.owner, dataDir: connected.dataDir, log: log.child({ component: "recorder" }), attempts: config.recordRetryAttempts, baseDelayMs: config.recordRetryBaseMs });
     undo.push(() => recorder.close());
 
     const devKey = connected.appEnv === "development" ? await getDevKey(pools.owner, log) : undefined;
 
+    // Job outcomes for /metrics, counted from the worker's first job on.
+    const workerJobs = new WorkerJobCounts();
     if (connected.worker) {
-      const worker = await startWorker({ config: connected, pool: pools.owner, log: log.child({ component: "worker" }) });
+      const worker = await startWorker({ config: connected, pool: pools.owner, log: log.child({ component: "worker" }), events: workerJobs.events });
       undo.push(() => worker.stop());
     }
 
-    const app = await makeApp({ config: connected, pools, log, recorder, devKey }, { installers: options.installers });
+    const app = await makeApp({ config: connected, pools, log, recorder, devKey }, { installers: [metricsEndpoint({ workerJobs }), ...(options.installers ?? SERVICE_INSTALLERS)] });
     undo.push(() => app.close());
 
     const server = http.createServer(app.app);

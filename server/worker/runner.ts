@@ -1,13 +1,14 @@
 // graphile-worker, in the web process (WORKER=true, the default) or on its own
 // (`npm run worker`). Tasks are small files under tasks/; cron items carry
 // explicit ids so renaming a task never runs a job twice.
-import { Logger as WorkerLogger, parseCronItems, run, type Runner, type TaskList } from "graphile-worker";
+import { Logger as WorkerLogger, parseCronItems, run, type Runner, type TaskList, type WorkerEvents } from "graphile-worker";
 import type pg from "pg";
 import type { Config } from "../config.js";
 import type { Logger } from "../log.js";
 import { BACKFILL_BATCH, backfillBatch } from "./tasks/backfillBatch.js";
 import { CREATE_PARTITIONS, createPartitions } from "./tasks/createPartitions.js";
 import { makeResolvePending, RESOLVE_PENDING } from "./tasks/resolvePending.js";
+import { REFRESH_ROLLUPS, refreshRollups } from "./tasks/rollups.js";
 
 export interface WorkerHandle {
   runner: Runner;
@@ -19,6 +20,7 @@ export function makeTaskList(config: Config): TaskList {
     [RESOLVE_PENDING]: makeResolvePending(config),
     [BACKFILL_BATCH]: backfillBatch,
     [CREATE_PARTITIONS]: createPartitions,
+    [REFRESH_ROLLUPS]: refreshRollups,
   };
 }
 
@@ -26,6 +28,8 @@ const cronItems = parseCronItems([
   // A sweep in case a wake-up was missed (e.g. a job lost with a crashed worker).
   { task: RESOLVE_PENDING, match: "* * * * *", identifier: "resolve_pending_sweep", options: { backfillPeriod: 0, jobKey: RESOLVE_PENDING, jobKeyMode: "preserve_run_at" } },
   { task: CREATE_PARTITIONS, match: "17 3 * * *", identifier: "create_partitions_daily", options: { backfillPeriod: 0 } },
+  // Settles ended hours into the attribution rollups and recomputes dirty ones.
+  { task: REFRESH_ROLLUPS, match: "* * * * *", identifier: "refresh_rollups_every_minute", options: { backfillPeriod: 0, jobKey: REFRESH_ROLLUPS, jobKeyMode: "preserve_run_at" } },
 ]);
 
 function workerLogger(log: Logger): WorkerLogger {
@@ -37,8 +41,14 @@ function workerLogger(log: Logger): WorkerLogger {
   });
 }
 
-export async function startWorker(options: { config: Config; pool: pg.Pool; log: Logger }): Promise<WorkerHandle> {
-  const { config, pool, log } = options;
+export async function startWorker(options: {
+  config: Config;
+  pool: pg.Pool;
+  log: Logger;
+  /** Where graphile-worker emits its events (job outcomes for /metrics); its own emitter when unset. */
+  events?: WorkerEvents;
+}): Promise<WorkerHandle> {
+  const { config, pool, log, events } = options;
   const runner = await run({
     pgPool: pool,
     taskList: makeTaskList(config),
@@ -47,10 +57,12 @@ export async function startWorker(options: { config: Config; pool: pg.Pool; log:
     noHandleSignals: true,
     pollInterval: 2000,
     logger: workerLogger(log),
+    ...(events ? { events } : {}),
   });
-  // Partitions ahead and a first sweep of pending rows, now rather than at the next cron tick.
+  // Partitions ahead, a first sweep of pending rows and a first rollup refresh, now rather than at the next cron tick.
   await runner.addJob(CREATE_PARTITIONS, {}, { jobKey: CREATE_PARTITIONS });
   await runner.addJob(RESOLVE_PENDING, {}, { jobKey: RESOLVE_PENDING, jobKeyMode: "preserve_run_at" });
+  await runner.addJob(REFRESH_ROLLUPS, {}, { jobKey: REFRESH_ROLLUPS, jobKeyMode: "preserve_run_at" });
   let stopped: Promise<void> | null = null;
   return {
     runner,

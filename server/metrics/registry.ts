@@ -1,0 +1,148 @@
+/**
+ * keytrack's Prometheus metrics: one prom-client Registry per app (tests start
+ * several servers in one process), holding
+ *
+ * - the database-derived series (dbMetrics.ts), read at scrape time;
+ * - keytrack_database_up: did the database answer that read;
+ * - keytrack_spool_depth: rows in this process's durable spool;
+ * - keytrack_worker_jobs_total{task, outcome}: this process's worker jobs;
+ * - http_request_duration_seconds{method, route, status_code};
+ * - the default process and Node.js metrics.
+ *
+ * When the database does not answer (error or timeout), the database-derived
+ * series are left out of the scrape and keytrack_database_up is 0. Not zeros:
+ * a counter falling to 0 is a counter reset to Prometheus, and the next real
+ * value would read as a burst of every event since the ledger began; a rate
+ * of 0 would page. Not the last values: they would hide the outage and keep
+ * alerts quiet on data that is no longer true. Absent series go stale in
+ * Prometheus, rate() over the gap stays right, and KeytrackDatabaseUnreachable
+ * says why they are missing.
+ */
+import client from "prom-client";
+
+import type { AppContext } from "../app.js";
+import { DB_COLUMNS, DB_METRICS, type DbMetricName, mapAttributionMetrics } from "./dbMetrics.js";
+import { DbMetricsSource, type DbSourceOptions, type MetricsPool } from "./dbSource.js";
+import type { WorkerJobCounts } from "./workerJobs.js";
+
+/** Seconds; chat requests stream for a long time, so the buckets reach 2 minutes. */
+export const HTTP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
+
+export interface KeytrackMetrics {
+  registry: client.Registry;
+  httpDuration: client.Histogram<"method" | "route" | "status_code">;
+  db: DbMetricsSource;
+  /** Exports a worker's job counts (once; later calls are ignored). */
+  addWorkerJobs(counts: WorkerJobCounts): void;
+}
+
+export interface CreateMetricsOptions extends DbSourceOptions {
+  /** Where attribution_metrics() is read; default ctx.pools.read. */
+  pool?: MetricsPool;
+  /** Register the default process metrics (default true). */
+  defaultMetrics?: boolean;
+}
+
+export function createMetrics(
+  ctx: Pick<AppContext, "pools" | "log" | "recorder">,
+  options: CreateMetricsOptions = {},
+): KeytrackMetrics {
+  const registry = new client.Registry();
+  if (options.defaultMetrics !== false) client.collectDefaultMetrics({ register: registry });
+
+  const db = new DbMetricsSource(options.pool ?? ctx.pools.read, ctx.log.child({ component: "metrics" }), options);
+
+  // Every database-derived metric reads the same (cached) snapshot at scrape time.
+  for (const [name, def] of Object.entries(DB_METRICS) as Array<[DbMetricName, (typeof DB_METRICS)[DbMetricName]]>) {
+    const mappings = DB_COLUMNS.filter((m) => m.metric === name);
+    const config = {
+      name,
+      help: def.help,
+      labelNames: [...def.labelNames],
+      registers: [registry],
+    };
+    if (def.type === "counter") {
+      new client.Counter({
+        ...config,
+        async collect() {
+          const snapshot = await db.get();
+          this.reset();
+          if (!snapshot.ok) return;
+          for (const { mapping, value } of mapAttributionMetrics(snapshot.row).values) {
+            if (mapping.metric === name && value !== null) this.inc(mapping.labels, value);
+          }
+        },
+      });
+    } else {
+      new client.Gauge({
+        ...config,
+        async collect() {
+          const snapshot = await db.get();
+          this.reset();
+          // remove(): no sample at all (a label-less gauge would otherwise read 0).
+          for (const m of mappings) this.remove(m.labels);
+          if (!snapshot.ok) return;
+          for (const { mapping, value } of mapAttributionMetrics(snapshot.row).values) {
+            if (mapping.metric === name && value !== null) this.set(mapping.labels, value);
+          }
+        },
+      });
+    }
+  }
+
+  let warnedMissing = false;
+  new client.Gauge({
+    name: "keytrack_database_up",
+    help: "1 when the database answered the metrics query of this scrape (app_private.attribution_metrics()), else 0; the database-derived series are left out while it is 0.",
+    registers: [registry],
+    async collect() {
+      const snapshot = await db.get();
+      this.set(snapshot.ok ? 1 : 0);
+      if (snapshot.ok && !warnedMissing) {
+        const { missing } = mapAttributionMetrics(snapshot.row);
+        if (missing.length) {
+          warnedMissing = true;
+          ctx.log.warn("metrics: attribution_metrics() lacks columns; their series are left out", { missing });
+        }
+      }
+    },
+  });
+
+  new client.Gauge({
+    name: "keytrack_spool_depth",
+    help: "Request rows waiting in this process's durable spool (written while the database was unreachable, replayed when it is back).",
+    registers: [registry],
+    collect() {
+      this.set(ctx.recorder.spoolDepth());
+    },
+  });
+
+  let jobCounts: WorkerJobCounts | null = null;
+  new client.Counter({
+    name: "keytrack_worker_jobs_total",
+    help: "graphile-worker jobs run by this process, by task and outcome (success; error: failed this attempt, will be retried; failed: failed its last attempt).",
+    labelNames: ["task", "outcome"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const { task, outcome, count } of jobCounts?.entries() ?? []) this.inc({ task, outcome }, count);
+    },
+  });
+
+  const httpDuration = new client.Histogram({
+    name: "http_request_duration_seconds",
+    help: "HTTP requests served, by method, route pattern (not the raw URL) and status code; `unmatched` for requests no route matched, status_code 499 when the client went away first.",
+    labelNames: ["method", "route", "status_code"],
+    buckets: HTTP_BUCKETS,
+    registers: [registry],
+  });
+
+  return {
+    registry,
+    httpDuration,
+    db,
+    addWorkerJobs(counts) {
+      jobCounts ??= counts;
+    },
+  };
+}

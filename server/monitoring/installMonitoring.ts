@@ -1,0 +1,50 @@
+/**
+ * The spec's admin monitoring endpoints (admins only, see requireAdmin):
+ *
+ * - GET /admin/monitoring/api-key-tracking-quality?hours=24  (1..168)
+ * - GET /admin/monitoring/api-key-tracking-trend?days=7      (1..30)
+ *
+ * Both read the SQL reports on the read pool (READ_DATABASE_URL when set). A
+ * bad parameter is a 422 naming it and its bounds; a database failure is a
+ * 503, never a 200 with zeros (the original's behaviour).
+ */
+import type express from "express";
+
+import type { AppContext, Installer } from "../app.js";
+import { sendError } from "./errors.js";
+import { parseIntParam, type IntParam } from "./params.js";
+import { qualityReport, trendReport } from "./reports.js";
+import { requireAdmin } from "./requireAdmin.js";
+
+export const MONITORING_PATH = "/admin/monitoring";
+
+const HOURS: IntParam = { name: "hours", min: 1, max: 168, default: 24 };
+const DAYS: IntParam = { name: "days", min: 1, max: 30, default: 7 };
+
+function report(ctx: AppContext, param: IntParam, read: (value: number) => Promise<unknown>): express.RequestHandler {
+  return async (req, res) => {
+    res.set("Cache-Control", "no-store");
+    const parsed = parseIntParam((req.query as Record<string, unknown>)[param.name], param);
+    if (!parsed.ok) {
+      return sendError(res, 422, "invalid_request_error", "invalid_parameter", parsed.message, {
+        param: param.name,
+        minimum: param.min,
+        maximum: param.max,
+      });
+    }
+    try {
+      res.status(200).json(await read(parsed.value));
+    } catch (err) {
+      ctx.log.error("monitoring report failed", { path: req.path, error: err });
+      sendError(res, 503, "server_error", "database_unavailable", "the monitoring data could not be read from the database, try again");
+    }
+  };
+}
+
+export const installMonitoring: Installer = (app, ctx) => {
+  app.use(MONITORING_PATH, requireAdmin(ctx));
+  app.get(`${MONITORING_PATH}/api-key-tracking-quality`,
+    report(ctx, HOURS, (hours) => qualityReport(ctx.pools.read, hours)));
+  app.get(`${MONITORING_PATH}/api-key-tracking-trend`,
+    report(ctx, DAYS, (days) => trendReport(ctx.pools.read, days)));
+};
