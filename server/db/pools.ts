@@ -17,11 +17,18 @@ export interface Pools {
 }
 
 function makePool(name: string, connectionString: string, log: Logger): pg.Pool {
-  const pool = new pg.Pool({ connectionString, max: 10, idleTimeoutMillis: 30_000 });
+  // connectionTimeoutMillis: a database that hangs instead of refusing must not
+  // queue callers for minutes (the recorder's retries and /health rely on it).
+  const pool = new pg.Pool({ connectionString, max: 10, idleTimeoutMillis: 30_000, connectionTimeoutMillis: 5_000 });
   // An idle client losing its connection (server restart, network) must not
   // crash the process: pg emits 'error' on the pool, which throws if unheard.
   pool.on("error", (err) => {
     log.warn("idle database client error", { pool: name, error: err });
+  });
+  // A checked-out client's connection dying is reported on the client too;
+  // graphile-worker (which shares this pool) insists these are heard.
+  pool.on("connect", (client) => {
+    client.on("error", (err) => log.warn("database client error", { pool: name, error: err }));
   });
   log.debug("database pool created", { pool: name, url: redactUrl(connectionString) });
   return pool;
