@@ -36,7 +36,8 @@ function workerLogger(log: Logger): WorkerLogger {
   return new WorkerLogger(() => (level, message) => {
     if (level === "error") log.error(message);
     else if (level === "warning") log.warn(message);
-    else if (level === "info") log.info(message);
+    // One line per job a minute would drown the log: routine job completions are debug.
+    else if (level === "info" && !/^Completed task/.test(message)) log.info(message);
     else log.debug(message);
   });
 }
