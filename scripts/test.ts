@@ -11,7 +11,7 @@ import { chmod, mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import pg from "pg";
-import { prepareDatabase, withDatabase } from "../server/db/prepare.js";
+import { prepareDatabase, withClient, withDatabase } from "../server/db/prepare.js";
 import { startEmbeddedPostgres } from "../server/db/embedded.js";
 import { projectRoot } from "../server/db/projectRoot.js";
 
@@ -41,10 +41,10 @@ async function main(): Promise<number> {
   try {
     await prepareDatabase({ rootUrl, databaseUrl: ownerUrl });
     // Cloning needs a template nobody is connected to; mark it as one.
-    await withRoot(rootUrl, (c) => c.query(`alter database ${pg.escapeIdentifier(template)} is_template true`));
+    await withClient(rootUrl, (c) => c.query(`alter database ${pg.escapeIdentifier(template)} is_template true`));
     return await runAva({ ...process.env, KEYTRACK_TEST_ROOT_URL: rootUrl, KEYTRACK_TEST_TEMPLATE: template, KEYTRACK_TEST_RUN: runId });
   } finally {
-    await withRoot(rootUrl, async (c) => {
+    await withClient(rootUrl, async (c) => {
       const { rows } = await c.query("select datname from pg_database where datname like $1", [`kt_%${runId}%`]);
       for (const { datname } of rows) {
         await c.query(`alter database ${pg.escapeIdentifier(datname)} is_template false`);
@@ -53,16 +53,6 @@ async function main(): Promise<number> {
     }).catch((err) => console.error(`# cleanup failed: ${err.message}`));
     if (stopEmbedded) await stopEmbedded();
     if (embeddedDir) await rm(embeddedDir, { recursive: true, force: true });
-  }
-}
-
-async function withRoot<T>(url: string, fn: (c: pg.Client) => Promise<T>): Promise<T> {
-  const client = new pg.Client({ connectionString: url });
-  await client.connect();
-  try {
-    return await fn(client);
-  } finally {
-    await client.end();
   }
 }
 
