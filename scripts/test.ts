@@ -39,6 +39,7 @@ async function main(): Promise<number> {
     return u.toString();
   })();
   try {
+    await dropLeftovers(rootUrl);
     await prepareDatabase({ rootUrl, databaseUrl: ownerUrl });
     // Cloning needs a template nobody is connected to; mark it as one.
     await withClient(rootUrl, (c) => c.query(`alter database ${pg.escapeIdentifier(template)} is_template true`));
@@ -53,6 +54,29 @@ async function main(): Promise<number> {
     }).catch((err) => console.error(`# cleanup failed: ${err.message}`));
     if (stopEmbedded) await stopEmbedded();
     if (embeddedDir) await rm(embeddedDir, { recursive: true, force: true });
+  }
+}
+
+/** Databases of earlier runs that were killed before their cleanup (their process is gone). */
+async function dropLeftovers(rootUrl: string): Promise<void> {
+  await withClient(rootUrl, async (c) => {
+    const { rows } = await c.query<{ datname: string }>(
+      "select datname from pg_database where datname ~ '^kt_(template|t)_[0-9]+_'");
+    for (const { datname } of rows) {
+      const pid = Number(/^kt_(?:template|t)_(\d+)_/.exec(datname)![1]);
+      if (pid === process.pid || isAlive(pid)) continue;
+      await c.query(`alter database ${pg.escapeIdentifier(datname)} is_template false`);
+      await c.query(`drop database if exists ${pg.escapeIdentifier(datname)} with (force)`);
+    }
+  });
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 
