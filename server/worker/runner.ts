@@ -8,6 +8,7 @@ import type { Logger } from "../log.js";
 import { BACKFILL_BATCH, backfillBatch } from "./tasks/backfillBatch.js";
 import { CREATE_PARTITIONS, createPartitions } from "./tasks/createPartitions.js";
 import { makeResolvePending, RESOLVE_PENDING } from "./tasks/resolvePending.js";
+import { APPLY_RETENTION, makeApplyRetention } from "./tasks/retention.js";
 import { REFRESH_ROLLUPS, refreshRollups } from "./tasks/rollups.js";
 
 export interface WorkerHandle {
@@ -21,6 +22,7 @@ export function makeTaskList(config: Config): TaskList {
     [BACKFILL_BATCH]: backfillBatch,
     [CREATE_PARTITIONS]: createPartitions,
     [REFRESH_ROLLUPS]: refreshRollups,
+    [APPLY_RETENTION]: makeApplyRetention(config.retentionDays),
   };
 }
 
@@ -29,6 +31,7 @@ const cronItems = parseCronItems([
   { task: RESOLVE_PENDING, match: "* * * * *", identifier: "resolve_pending_sweep", options: { backfillPeriod: 0, jobKey: RESOLVE_PENDING, jobKeyMode: "preserve_run_at" } },
   { task: CREATE_PARTITIONS, match: "17 3 * * *", identifier: "create_partitions_daily", options: { backfillPeriod: 0 } },
   // Settles ended hours into the attribution rollups and recomputes dirty ones.
+  { task: APPLY_RETENTION, match: "41 3 * * *", identifier: "apply_retention_daily", options: { backfillPeriod: 0 } },
   { task: REFRESH_ROLLUPS, match: "* * * * *", identifier: "refresh_rollups_every_minute", options: { backfillPeriod: 0, jobKey: REFRESH_ROLLUPS, jobKeyMode: "preserve_run_at" } },
 ]);
 
