@@ -14,6 +14,7 @@ import pg from "pg";
 import { prepareDatabase, withClient, withDatabase } from "../server/db/prepare.js";
 import { startEmbeddedPostgres } from "../server/db/embedded.js";
 import { projectRoot } from "../server/db/projectRoot.js";
+import { processAlive } from "../server/processAlive.js";
 
 const runId = `${process.pid}_${Date.now().toString(36)}`;
 const template = `kt_template_${runId}`;
@@ -64,20 +65,11 @@ async function dropLeftovers(rootUrl: string): Promise<void> {
       "select datname from pg_database where datname ~ '^kt_(template|t)_[0-9]+_'");
     for (const { datname } of rows) {
       const pid = Number(/^kt_(?:template|t)_(\d+)_/.exec(datname)![1]);
-      if (pid === process.pid || isAlive(pid)) continue;
+      if (pid === process.pid || processAlive(pid)) continue;
       await c.query(`alter database ${pg.escapeIdentifier(datname)} is_template false`);
       await c.query(`drop database if exists ${pg.escapeIdentifier(datname)} with (force)`);
     }
   });
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
-  }
 }
 
 function runAva(env: NodeJS.ProcessEnv): Promise<number> {

@@ -15,6 +15,7 @@ import path from "node:path";
 import { promisify } from "node:util";
 
 import pg from "pg";
+import { processAlive } from "../processAlive.js";
 
 const execFileAsync = promisify(execFile);
 
@@ -121,15 +122,6 @@ async function answers(socketDir: string, port: number): Promise<boolean> {
     return false;
   } finally {
     await client.end().catch(() => {});
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 

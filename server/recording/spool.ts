@@ -23,6 +23,7 @@ import path from "node:path";
 
 import type { Logger } from "../log.js";
 import type { RequestRecord, RequestStatus } from "./types.js";
+import { processAlive } from "../processAlive.js";
 
 export interface SpoolEntry {
   row: RequestRecord;
@@ -216,15 +217,6 @@ async function fsyncDir(dir: string): Promise<void> {
     await handle.sync();
   } finally {
     await handle.close();
-  }
-}
-
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 
@@ -563,7 +555,7 @@ export class Spool {
         }
         const holder = this.lockHolder();
         // Our own pid but not held here: a previous life of this process (a container's pid 1).
-        if (holder !== null && holder !== process.pid && isAlive(holder)) {
+        if (holder !== null && holder !== process.pid && processAlive(holder)) {
           throw new SpoolLockedError(
             `the spool ${this.paths.dir} is in use by process ${holder} (lock file ${this.paths.lock}); ` +
               `one process owns a data folder's spool: stop that process or give this one its own KEYTRACK_DATA_DIR`,
