@@ -10,6 +10,7 @@ import { spawn } from "node:child_process";
 import { chmod, mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
+import { pathToFileURL } from "node:url";
 import pg from "pg";
 import { prepareDatabase, withClient, withDatabase } from "../server/db/prepare.js";
 import { startEmbeddedPostgres } from "../server/db/embedded.js";
@@ -72,31 +73,46 @@ async function dropLeftovers(rootUrl: string): Promise<void> {
   });
 }
 
+/**
+ * Runs ava with its TAP reporter and counts the results from the TAP lines as they
+ * stream (`ok N - title`, `not ok N - title`), so the closing line counts what ran
+ * even when ava ends early (its inactivity timeout, a crashed worker). Failures are
+ * listed by name at the end.
+ */
 function runAva(env: NodeJS.ProcessEnv): Promise<number> {
   return new Promise((resolve, reject) => {
-    const args = [path.join(projectRoot, "node_modules/ava/entrypoints/cli.mjs"), "--tap", ...process.argv.slice(2)];
+    const args = [
+      `--import=${pathToFileURL(path.join(projectRoot, "scripts/ava-tap-fix.mjs")).href}`,
+      path.join(projectRoot, "node_modules/ava/entrypoints/cli.mjs"),
+      "--tap",
+      ...process.argv.slice(2),
+    ];
     const child = spawn(process.execPath, args, { cwd: projectRoot, env, stdio: ["ignore", "pipe", "inherit"] });
-    let passed = 0, failed = 0, seen = false, buffer = "";
+    let passed = 0, buffer = "";
+    const failures: string[] = [];
+    const onLine = (line: string) => {
+      const m = /^(ok|not ok) \d+ - (.*?)(?: # (SKIP|TODO)\b.*)?$/.exec(line);
+      if (!m || m[3]) return;
+      if (m[1] === "ok") passed++;
+      else failures.push(m[2]!);
+    };
     child.stdout.on("data", (chunk: Buffer) => {
       process.stdout.write(chunk);
       buffer += chunk.toString("utf8");
       let nl;
       while ((nl = buffer.indexOf("\n")) >= 0) {
-        const line = buffer.slice(0, nl);
+        onLine(buffer.slice(0, nl).replace(/\r$/, ""));
         buffer = buffer.slice(nl + 1);
-        const m = /^# (pass|fail) (\d+)/.exec(line);
-        if (m) {
-          seen = true;
-          if (m[1] === "pass") passed = Number(m[2]);
-          else failed = Number(m[2]);
-        }
       }
     });
     child.on("error", reject);
     child.on("close", (code) => {
-      if (!seen && code !== 0) failed = Math.max(failed, 1);
-      console.log(`ava: ${passed} passed, ${failed} failed`);
-      resolve(code === 0 && failed === 0 && passed > 0 ? 0 : 1);
+      if (buffer) onLine(buffer);
+      // A run that failed without naming a failed test (ava itself crashed) is one failure.
+      if (code !== 0 && failures.length === 0) failures.push(`ava exited with code ${code} without naming a failed test`);
+      if (failures.length > 0) console.log(`# failed:\n${failures.map((f) => `#   ${f}`).join("\n")}`);
+      console.log(`ava: ${passed} passed, ${failures.length} failed`);
+      resolve(code === 0 && failures.length === 0 && passed > 0 ? 0 : 1);
     });
   });
 }

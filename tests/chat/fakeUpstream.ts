@@ -123,7 +123,8 @@ export async function startFakeUpstream(): Promise<FakeUpstream> {
     if (model === "fake-500") return error(500, "the fake upstream broke");
     if (model === "fake-400") return error(400, "the fake upstream rejects this");
     if (model === "fake-401") return error(401, "bad upstream key");
-    if (model === "fake-hang") return;
+    // Never answers (fake-hang, or fake-hang-<anything> to tell calls apart).
+    if (model === "fake-hang" || model.startsWith("fake-hang-")) return;
     const delay = /^fake-delay-(\d+)$/.exec(model);
     if (delay) await sleep(Number(delay[1]));
     if (call.body.stream) {

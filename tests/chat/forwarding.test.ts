@@ -9,15 +9,22 @@ import OpenAI from "openai";
 
 import type { RunningServer } from "../../server/main.js";
 import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
+import { waitFor } from "../helpers/poll.js";
 import { FAKE_TEXT, FAKE_USAGE, startFakeUpstream, type FakeUpstream } from "./fakeUpstream.js";
 import { client, post, rowOf, startChatServer } from "./helpers.js";
 
-const TIMEOUT_MS = 600;
+// The upstream timeout is the thing under test only in the two timeout tests, which use a
+// server of their own (their fake upstream never answers, so the margin cannot be too small).
+// Every other test runs far below a timeout that a slow, busy machine never reaches.
+const TIMEOUT_MS = 1500;
+const GENEROUS_TIMEOUT_MS = 120_000;
 const UPSTREAM_KEY = "upstream-secret-key";
 
 let db: TestDb;
 let fake: FakeUpstream;
 let server: RunningServer;
+/** The same gateway with a short upstream timeout, for the timeout tests only. */
+let tight: RunningServer;
 let key: { id: string; secret: string };
 /** Every request id the gateway accepted in this file: each must have exactly one row. */
 const served: string[] = [];
@@ -26,6 +33,12 @@ test.before(async () => {
   db = await createTestDb();
   fake = await startFakeUpstream();
   server = await startChatServer(db, {
+    UPSTREAM_BASE_URL: fake.url,
+    UPSTREAM_API_KEY: UPSTREAM_KEY,
+    UPSTREAM_TIMEOUT_MS: String(GENEROUS_TIMEOUT_MS),
+    ALLOW_ANONYMOUS: "false",
+  });
+  tight = await startChatServer(db, {
     UPSTREAM_BASE_URL: fake.url,
     UPSTREAM_API_KEY: UPSTREAM_KEY,
     UPSTREAM_TIMEOUT_MS: String(TIMEOUT_MS),
@@ -44,17 +57,13 @@ test.after("exactly one row per served request, and no others", async (t) => {
 
 test.after.always(async () => {
   await server?.close();
+  await tight?.close();
   await fake?.close();
   await db?.drop();
 });
 
 const messages = [{ role: "user" as const, content: "hi" }];
 const callFor = (requestId: string) => fake.calls.find((c) => c.headers["x-request-id"] === requestId);
-const waitFor = async (cond: () => boolean, ms = 3000) => {
-  const end = Date.now() + ms;
-  while (!cond() && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
-  return cond();
-};
 function served_(requestId: string | null | undefined): string {
   if (!requestId) throw new Error("no x-request-id");
   served.push(requestId);
@@ -183,21 +192,21 @@ test("upstream 400: passed through with its status and message, recorded as fail
 
 test("upstream timeout before answering: a 504, the upstream call aborted, recorded as failed", async (t) => {
   const started = Date.now();
-  const res = await post(server, "/v1/chat/completions", { model: "fake-hang", messages }, { authorization: `Bearer ${key.secret}` });
+  const res = await post(tight, "/v1/chat/completions", { model: "fake-hang", messages }, { authorization: `Bearer ${key.secret}` });
   t.is(res.status, 504);
   const body = await res.json();
   t.is(body.error.code, "upstream_timeout");
   t.is(body.error.type, "upstream_error");
   t.true(Date.now() - started >= TIMEOUT_MS);
   const id = served_(res.headers.get("x-request-id"));
-  t.true(await waitFor(() => callFor(id)?.aborted === true));
+  await waitFor("the upstream call to be aborted", () => callFor(id)?.aborted === true);
   const row = await rowOf(db, id);
   t.is(row.status, "failed");
   t.regex(row.error_message!, /timed out/);
 });
 
 test("upstream timeout mid-stream: the stream ends with an error the client raises, recorded as failed", async (t) => {
-  const { data: stream, response } = await client(server, key.secret)
+  const { data: stream, response } = await client(tight, key.secret)
     .chat.completions.create({ model: "fake-stream-hang", messages, stream: true })
     .withResponse();
   const id = served_(response.headers.get("x-request-id"));
@@ -223,7 +232,7 @@ test("client disconnect mid-stream: recorded as partial, the upstream call abort
   let received = "";
   while (!received.includes("w3 ")) received += new TextDecoder().decode((await reader.read()).value);
   controller.abort();
-  t.true(await waitFor(() => callFor(id)?.aborted === true), "the upstream saw the disconnect");
+  await waitFor("the upstream to see the disconnect", () => callFor(id)?.aborted === true);
   const row = await rowOf(db, id);
   t.is(row.status, "partial");
   t.is(row.api_key_id, key.id);
@@ -235,15 +244,16 @@ test("client disconnect before a non-streaming answer: recorded as partial, the 
   const pending = fetch(`${server.url}/v1/chat/completions`, {
     method: "POST",
     headers: { "content-type": "application/json", authorization: `Bearer ${key.secret}` },
-    body: JSON.stringify({ model: "fake-delay-400", messages }),
+    // An upstream that never answers: the client's disconnect is what ends the call, however slow the machine.
+    body: JSON.stringify({ model: "fake-hang-until-disconnect", messages }),
     signal: controller.signal,
   }).catch(() => null);
-  t.true(await waitFor(() => fake.calls.some((c) => c.body?.model === "fake-delay-400")));
+  await waitFor("the upstream call", () => fake.calls.some((c) => c.body?.model === "fake-hang-until-disconnect"));
   controller.abort();
   await pending;
-  const call = fake.calls.find((c) => c.body?.model === "fake-delay-400")!;
+  const call = fake.calls.find((c) => c.body?.model === "fake-hang-until-disconnect")!;
   const id = served_(call.headers["x-request-id"] as string);
-  t.true(await waitFor(() => call.aborted));
+  await waitFor("the upstream call to be aborted", () => call.aborted);
   t.is((await rowOf(db, id)).status, "partial");
 });
 

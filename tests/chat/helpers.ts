@@ -9,6 +9,7 @@ import OpenAI from "openai";
 import { installChat } from "../../server/chat/installChat.js";
 import type { RunningServer } from "../../server/main.js";
 import type { TestDb } from "../helpers/db.js";
+import { sleep, waitFor } from "../helpers/poll.js";
 import { startTestServer } from "../helpers/server.js";
 
 /** A data folder (spool) of its own, so several servers can run in one process. */
@@ -41,20 +42,16 @@ export async function rowsFor(db: TestDb, requestId: string): Promise<LedgerRow[
 }
 
 /** Waits for the request's row; then checks that it stays the only one. */
-export async function rowOf(db: TestDb, requestId: string, timeoutMs = 5000): Promise<LedgerRow> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const rows = await rowsFor(db, requestId);
-    if (rows.length > 1) throw new Error(`${rows.length} rows for request ${requestId}`);
-    if (rows.length === 1) {
-      await new Promise((r) => setTimeout(r, 100));
-      const again = await rowsFor(db, requestId);
-      if (again.length !== 1) throw new Error(`${again.length} rows for request ${requestId}`);
-      return again[0]!;
-    }
-    if (Date.now() > deadline) throw new Error(`no row for request ${requestId} after ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 25));
-  }
+export async function rowOf(db: TestDb, requestId: string): Promise<LedgerRow> {
+  const rows = await waitFor(`the row of request ${requestId}`, async () => {
+    const found = await rowsFor(db, requestId);
+    if (found.length > 1) throw new Error(`${found.length} rows for request ${requestId}`);
+    return found.length === 1 && found;
+  });
+  await sleep(100);
+  const again = await rowsFor(db, requestId);
+  if (again.length !== 1) throw new Error(`${again.length} rows for request ${requestId}`);
+  return again[0] ?? rows[0]!;
 }
 
 /** The official client, without retries (each retry would be a request, and a row, of its own). */

@@ -127,9 +127,8 @@ test("a hung database: the scrape answers within the budget, and no second query
     return fakeRow();
   });
   const m = createMetrics(fakeCtx(pool), { pool, defaultMetrics: false, timeoutMs: 100, ttlMs: 10 });
-  const started = Date.now();
+  // The query never returns until released below: a scrape that waited for it would never end.
   const e = await scrape(m);
-  t.true(Date.now() - started < 1000);
   t.is(e.value("keytrack_database_up"), 0);
   t.deepEqual(e.find("api_key_tracking_success_total"), []);
   await new Promise((r) => setTimeout(r, 20));

@@ -11,6 +11,7 @@ import pg from "pg";
 
 import { createLogger, type LogLevel, type Logger } from "../../server/log.js";
 import type { RequestRecord } from "../../server/recording/types.js";
+import { waitFor } from "../helpers/poll.js";
 
 type Target = { host: string; port: number } | { path: string };
 
@@ -141,16 +142,6 @@ export function makePool(connectionString: string, config: pg.PoolConfig = {}): 
   return pool;
 }
 
-/** Polls until fn returns a truthy value (returned), or fails after timeoutMs. */
-export async function waitFor<T>(what: string, fn: () => Promise<T> | T, timeoutMs = 5000): Promise<NonNullable<T>> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const value = await fn();
-    if (value) return value as NonNullable<T>;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
 
 /** pid of the backend of `application` waiting on a lock (its insert is blocked). */
 export async function blockedBackend(root: pg.Pool, application: string): Promise<number> {
