@@ -16,16 +16,18 @@ export interface PollOptions {
 
 export const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
 
+type Truthy<T> = Exclude<T, false | 0 | "" | null | undefined>;
+
 /** Calls fn until it returns a truthy value, and returns that value. */
 export async function waitFor<T>(
   what: string,
   fn: () => T | Promise<T>,
   { timeoutMs = POLL_TIMEOUT_MS, intervalMs = 25 }: PollOptions = {},
-): Promise<NonNullable<T>> {
+): Promise<Truthy<T>> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     const value = await fn();
-    if (value) return value as NonNullable<T>;
+    if (value) return value as Truthy<T>;
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(intervalMs);
   }
