@@ -13,7 +13,8 @@ import os from "node:os";
 import path from "node:path";
 import pg from "pg";
 import { startEmbeddedPostgres } from "../server/db/embedded.js";
-import { prepareDatabase, withDatabase } from "../server/db/prepare.js";
+import { prepareDatabase } from "../server/db/prepare.js";
+import { withDatabaseName, withUser } from "../server/db/urls.js";
 
 const BATCH = Number(process.env.BENCH_BATCH ?? 1000);
 const BATCHES = Number(process.env.BENCH_BATCHES ?? 100);
@@ -36,13 +37,8 @@ async function main() {
     };
   }
   const dbName = `kt_bench_${process.pid}`;
-  const rootDb = withDatabase(root, dbName);
-  const owner = (() => {
-    const u = new URL(rootDb);
-    u.username = "keytrack_owner";
-    u.password = "";
-    return u.toString();
-  })();
+  const rootDb = withDatabaseName(root, dbName);
+  const owner = withUser(rootDb, "keytrack_owner");
   try {
     await prepareDatabase({ rootUrl: root, databaseUrl: owner });
     const pool = new pg.Pool({ connectionString: rootDb, max: CLIENTS + 1 });

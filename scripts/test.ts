@@ -12,7 +12,8 @@ import os from "node:os";
 import path from "node:path";
 import { pathToFileURL } from "node:url";
 import pg from "pg";
-import { prepareDatabase, withClient, withDatabase } from "../server/db/prepare.js";
+import { prepareDatabase, withClient } from "../server/db/prepare.js";
+import { withDatabaseName, withUser } from "../server/db/urls.js";
 import { startEmbeddedPostgres } from "../server/db/embedded.js";
 import { projectRoot } from "../server/db/projectRoot.js";
 import { processAlive } from "../server/processAlive.js";
@@ -34,12 +35,7 @@ async function main(): Promise<number> {
     rootUrl = embedded.rootUrl;
     stopEmbedded = embedded.stop;
   }
-  const ownerUrl = (() => {
-    const u = new URL(withDatabase(rootUrl, template));
-    u.username = "keytrack_owner";
-    u.password = "";
-    return u.toString();
-  })();
+  const ownerUrl = withUser(withDatabaseName(rootUrl, template), "keytrack_owner");
   try {
     await dropLeftovers(rootUrl);
     await prepareDatabase({ rootUrl, databaseUrl: ownerUrl });

@@ -4,6 +4,7 @@
  */
 import path from "node:path";
 
+import { databaseNameOf, withDatabaseName, withUser } from "./db/urls.js";
 import { LOG_LEVELS, type LogLevel } from "./log.js";
 
 export class ConfigError extends Error {
@@ -77,64 +78,6 @@ export interface Config {
 export type ConnectedConfig = Config & { readonly db: Readonly<DatabaseUrls> };
 
 export const AUTHENTICATOR_ROLE = "keytrack_authenticator";
-
-// ---------------------------------------------------------------------------
-// PostgreSQL URL helpers. `postgres://user@/db?host=/socket/dir` (empty host,
-// as libpq and pg-connection-string accept) is not a valid WHATWG URL, so a
-// placeholder host is swapped in while parsing, as pg-connection-string does.
-
-const DUMMY_HOST = "keytrack-empty-host.invalid";
-
-function parsePgUrl(raw: string): URL {
-  if (!/^postgres(ql)?:\/\//i.test(raw)) throw new TypeError("not a postgres:// or postgresql:// URL");
-  let url: URL;
-  try {
-    url = new URL(raw);
-  } catch {
-    url = new URL(raw.replace(/^(postgres(?:ql)?:\/\/(?:[^@/]*@)?)\//i, `$1${DUMMY_HOST}/`));
-  }
-  return url;
-}
-
-function formatPgUrl(url: URL): string {
-  return url.toString().replace(`@${DUMMY_HOST}/`, "@/").replace(`//${DUMMY_HOST}/`, "///");
-}
-
-/** The database name in a postgres URL ("" if none). */
-export function databaseNameOf(raw: string): string {
-  const url = parsePgUrl(raw);
-  return decodeURIComponent(url.pathname.replace(/^\//, "")) || url.searchParams.get("dbname") || "";
-}
-
-export function withDatabaseName(raw: string, name: string): string {
-  const url = parsePgUrl(raw);
-  url.pathname = "/" + encodeURIComponent(name);
-  if (url.searchParams.has("dbname")) url.searchParams.delete("dbname");
-  return formatPgUrl(url);
-}
-
-export function withUser(raw: string, user: string, password: string | null = null): string {
-  const url = parsePgUrl(raw);
-  url.username = encodeURIComponent(user);
-  url.password = password === null ? "" : encodeURIComponent(password);
-  if (url.searchParams.has("user")) url.searchParams.set("user", user);
-  if (url.searchParams.has("password")) url.searchParams.delete("password");
-  return formatPgUrl(url);
-}
-
-/** For logs: the URL with its password replaced. */
-export function redactUrl(raw: string): string {
-  try {
-    const url = parsePgUrl(raw);
-    if (url.password) url.password = "***";
-    if (url.searchParams.has("password")) url.searchParams.set("password", "***");
-    return formatPgUrl(url);
-  } catch {
-    return "<unparseable url>";
-  }
-}
-
-// ---------------------------------------------------------------------------
 
 type Env = NodeJS.ProcessEnv;
 

@@ -10,7 +10,8 @@ import http from "node:http";
 import type { AddressInfo } from "node:net";
 
 import { makeApp, type Installer } from "./app.js";
-import { type Config, type ConnectedConfig, isConnected, redactUrl, withDatabaseUrls } from "./config.js";
+import { type Config, type ConnectedConfig, isConnected, withDatabaseUrls } from "./config.js";
+import { redactUrl } from "./db/urls.js";
 import { startEmbeddedPostgres, type EmbeddedPostgres } from "./db/embedded.js";
 import { closePools, createPools } from "./db/pools.js";
 import { prepareDatabase } from "./db/prepare.js";

@@ -6,7 +6,7 @@
 import pg from "pg";
 
 import type { DatabaseUrls } from "../config.js";
-import { redactUrl } from "../config.js";
+import { redactUrl } from "./urls.js";
 import type { Logger } from "../log.js";
 
 export interface Pools {

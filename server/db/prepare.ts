@@ -10,6 +10,7 @@ import { Logger, migrate } from "graphile-migrate";
 // Not re-exported by the package index, but part of its module (dist/pg.js).
 import { clearAllPools } from "graphile-migrate/dist/pg.js";
 import { migrationsFolder, projectRoot } from "./projectRoot.js";
+import { databaseNameOf, redactUrl, userNameOf, withDatabaseName } from "./urls.js";
 
 export interface PrepareOptions {
   /** A superuser connection to any database of the cluster. */
@@ -20,29 +21,9 @@ export interface PrepareOptions {
 }
 
 function databaseOf(url: string): { database: string; user: string } {
-  const u = new URL(url);
-  const database = decodeURIComponent(u.pathname.replace(/^\//, ""));
-  const user = decodeURIComponent(u.username) || process.env.PGUSER || "postgres";
+  const database = databaseNameOf(url);
   if (!database) throw new Error(`the connection string ${redactUrl(url)} names no database`);
-  return { database, user };
-}
-
-/** A connection string with its password replaced, for messages. */
-export function redactUrl(url: string): string {
-  try {
-    const u = new URL(url);
-    if (u.password) u.password = "***";
-    return u.toString();
-  } catch {
-    return "(unparseable connection string)";
-  }
-}
-
-/** The same connection string, pointing at another database. */
-export function withDatabase(url: string, database: string): string {
-  const u = new URL(url);
-  u.pathname = `/${encodeURIComponent(database)}`;
-  return u.toString();
+  return { database, user: userNameOf(url) };
 }
 
 /** Runs fn with a client connected to url, then disconnects. */
@@ -105,7 +86,7 @@ async function ensureDatabaseUnchecked(rootUrl: string, databaseUrl: string, log
 export async function applyDatabasePrivileges(rootUrl: string, databaseUrl: string): Promise<void> {
   const { database, user } = databaseOf(databaseUrl);
   const privileges = await readSetupSql("afterReset.sql", database, user);
-  await withClient(withDatabase(rootUrl, database), (client) => client.query(privileges));
+  await withClient(withDatabaseName(rootUrl, database), (client) => client.query(privileges));
 }
 
 /** Roles, database, graphile-worker's schema, then every committed migration. Idempotent. */

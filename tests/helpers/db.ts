@@ -2,7 +2,8 @@
 // that scripts/test.ts prepared, so files run in parallel without interfering.
 import { randomBytes } from "node:crypto";
 import pg from "pg";
-import { applyDatabasePrivileges, withDatabase } from "../../server/db/prepare.js";
+import { applyDatabasePrivileges } from "../../server/db/prepare.js";
+import { withDatabaseName, withUser } from "../../server/db/urls.js";
 
 export interface TestDb {
   name: string;
@@ -27,13 +28,6 @@ function env(name: string): string {
   return value;
 }
 
-export function asUser(url: string, user: string): string {
-  const u = new URL(url);
-  u.username = user;
-  u.password = "";
-  return u.toString();
-}
-
 export async function createTestDb(): Promise<TestDb> {
   const rootClusterUrl = env("KEYTRACK_TEST_ROOT_URL");
   const template = env("KEYTRACK_TEST_TEMPLATE");
@@ -45,8 +39,8 @@ export async function createTestDb(): Promise<TestDb> {
   } finally {
     await admin.end();
   }
-  const rootUrl = withDatabase(rootClusterUrl, name);
-  const ownerUrl = asUser(rootUrl, "keytrack_owner");
+  const rootUrl = withDatabaseName(rootClusterUrl, name);
+  const ownerUrl = withUser(rootUrl, "keytrack_owner");
   await applyDatabasePrivileges(rootClusterUrl, ownerUrl);
   const owner = new pg.Pool({ connectionString: ownerUrl, max: 5 });
   const root = new pg.Pool({ connectionString: rootUrl, max: 2 });
@@ -56,8 +50,8 @@ export async function createTestDb(): Promise<TestDb> {
     name,
     rootUrl,
     ownerUrl,
-    authUrl: asUser(rootUrl, "keytrack_authenticator"),
-    analystUrl: asUser(rootUrl, "keytrack_analyst"),
+    authUrl: withUser(rootUrl, "keytrack_authenticator"),
+    analystUrl: withUser(rootUrl, "keytrack_analyst"),
     owner,
     root,
     async drop() {

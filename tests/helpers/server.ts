@@ -3,6 +3,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { loadConfig } from "../../server/config.js";
+import { withDatabaseName } from "../../server/db/urls.js";
 import type { Installer } from "../../server/app.js";
 import { startServer, type RunningServer } from "../../server/main.js";
 import type { TestDb } from "./db.js";
@@ -14,8 +15,6 @@ export async function startTestServer(
   env: Record<string, string> = {},
   installers: Installer[] = [],
 ): Promise<RunningServer> {
-  const clusterRoot = new URL(db.rootUrl);
-  clusterRoot.pathname = "/postgres";
   // Each server gets a data folder (spool) of its own unless the test names one
   // (e.g. to restart on the same spool); ours is removed when the server closes.
   const ownDataDir = env.KEYTRACK_DATA_DIR ? null : mkdtempSync(path.join(os.tmpdir(), "keytrack-server-"));
@@ -23,7 +22,7 @@ export async function startTestServer(
     loadConfig({
       ...(ownDataDir ? { KEYTRACK_DATA_DIR: ownDataDir } : {}),
       DATABASE_URL: db.ownerUrl,
-      ROOT_DATABASE_URL: clusterRoot.toString(),
+      ROOT_DATABASE_URL: withDatabaseName(db.rootUrl, "postgres"),
       AUTH_DATABASE_URL: db.authUrl,
       PORT: "0",
       HOST: "127.0.0.1",

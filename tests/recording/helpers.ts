@@ -11,25 +11,17 @@ import pg from "pg";
 
 import { createLogger, type LogLevel, type Logger } from "../../server/log.js";
 import type { RequestRecord } from "../../server/recording/types.js";
+import { serverAddressOf, withTcpServer, type ServerAddress } from "../../server/db/urls.js";
 import { waitFor } from "../helpers/poll.js";
-
-type Target = { host: string; port: number } | { path: string };
-
-function targetOf(url: string): Target {
-  const u = new URL(url);
-  const port = Number(u.searchParams.get("port") ?? (u.port || 5432));
-  const host = u.searchParams.get("host") ?? u.hostname;
-  return host.startsWith("/") ? { path: `${host}/.s.PGSQL.${port}` } : { host, port };
-}
 
 export class PgProxy {
   private server: net.Server | null = null;
   private readonly sockets = new Set<net.Socket>();
-  private readonly target: Target;
+  private readonly target: ServerAddress;
   port = 0;
 
   private constructor(private readonly databaseUrl: string) {
-    this.target = targetOf(databaseUrl);
+    this.target = serverAddressOf(databaseUrl);
   }
 
   /** A proxy listening on a free port of 127.0.0.1, forwarding to databaseUrl's server. */
@@ -41,12 +33,7 @@ export class PgProxy {
 
   /** databaseUrl, through the proxy. */
   get url(): string {
-    const u = new URL(this.databaseUrl);
-    u.searchParams.delete("host");
-    u.searchParams.delete("port");
-    u.hostname = "127.0.0.1";
-    u.port = String(this.port);
-    return u.toString();
+    return withTcpServer(this.databaseUrl, "127.0.0.1", this.port);
   }
 
   /** Listens (again, on the same port once it has one). */
