@@ -4,7 +4,7 @@
 import { Logger as WorkerLogger, parseCronItems, run, type Runner, type TaskList, type WorkerEvents } from "graphile-worker";
 import type pg from "pg";
 import type { Config } from "../config.js";
-import type { Logger } from "../log.js";
+import type { LogFields, Logger } from "../log.js";
 import { BACKFILL_BATCH, backfillBatch } from "./tasks/backfillBatch.js";
 import { CREATE_PARTITIONS, createPartitions } from "./tasks/createPartitions.js";
 import { makeResolvePending, RESOLVE_PENDING } from "./tasks/resolvePending.js";
@@ -30,18 +30,46 @@ const cronItems = parseCronItems([
   // A sweep in case a wake-up was missed (e.g. a job lost with a crashed worker).
   { task: RESOLVE_PENDING, match: "* * * * *", identifier: "resolve_pending_sweep", options: { backfillPeriod: 0, jobKey: RESOLVE_PENDING, jobKeyMode: "preserve_run_at" } },
   { task: CREATE_PARTITIONS, match: "17 3 * * *", identifier: "create_partitions_daily", options: { backfillPeriod: 0 } },
-  // Settles ended hours into the attribution rollups and recomputes dirty ones.
+  // With RETENTION_DAYS set, drops whole expired monthly partitions (their rollups settled and frozen first).
   { task: APPLY_RETENTION, match: "41 3 * * *", identifier: "apply_retention_daily", options: { backfillPeriod: 0 } },
+  // Settles ended hours into the attribution rollups and recomputes dirty ones.
   { task: REFRESH_ROLLUPS, match: "* * * * *", identifier: "refresh_rollups_every_minute", options: { backfillPeriod: 0, jobKey: REFRESH_ROLLUPS, jobKeyMode: "preserve_run_at" } },
 ]);
 
-function workerLogger(log: Logger): WorkerLogger {
-  return new WorkerLogger(() => (level, message) => {
-    if (level === "error") log.error(message);
-    else if (level === "warning") log.warn(message);
+/** Log fields from graphile-worker's scope and meta: ids, numbers, errors; never whole job rows or payloads. */
+function workerLogFields(
+  scope: { workerId?: string; taskIdentifier?: string; jobId?: string },
+  meta: Record<string, unknown> | undefined): LogFields {
+  const fields: LogFields = {};
+  if (scope.workerId !== undefined) fields.workerId = scope.workerId;
+  if (scope.taskIdentifier !== undefined) fields.taskIdentifier = scope.taskIdentifier;
+  if (scope.jobId !== undefined) fields.jobId = scope.jobId;
+  for (const [key, value] of Object.entries(meta ?? {})) {
+    if (key === "job" && value && typeof value === "object") {
+      // "Completed task"/"Failed task" lines come from the worker's scope (workerId only): the job is in meta.
+      const job = value as { id?: unknown; task_identifier?: unknown; attempts?: unknown; max_attempts?: unknown };
+      if (job.id !== undefined) fields.jobId = String(job.id);
+      if (typeof job.task_identifier === "string") fields.taskIdentifier = job.task_identifier;
+      if (typeof job.attempts === "number") fields.attempt = job.attempts;
+      if (typeof job.max_attempts === "number") fields.maxAttempts = job.max_attempts;
+    } else if (["string", "number", "boolean"].includes(typeof value) || value instanceof Error) {
+      fields[key] = value;
+    }
+  }
+  return fields;
+}
+
+/** graphile-worker's logger, forwarding to ours with its task and job ids (taskIdentifier, jobId, workerId) as fields. */
+export function workerLogger(log: Logger): WorkerLogger {
+  return new WorkerLogger((scope) => (level, message, meta) => {
+    const fields = workerLogFields(scope, meta);
+    // Messages that carry an error often repeat its stack; the error field has it.
+    const text = fields.error instanceof Error ? message.split("\n", 1)[0]!.replace(/:$/, "") : message;
+    if (level === "error") log.error(text, fields);
+    else if (level === "warning") log.warn(text, fields);
     // One line per job a minute would drown the log: routine job completions are debug.
-    else if (level === "info" && !/^Completed task/.test(message)) log.info(message);
-    else log.debug(message);
+    else if (level === "info" && meta?.success !== true && !/^Completed task/.test(message)) log.info(text, fields);
+    else log.debug(text, fields);
   });
 }
 
