@@ -4,8 +4,8 @@
 // DATABASE_URL unset it starts (or joins) the embedded PostgreSQL first.
 //
 //   npm run db:migrate      apply committed migrations
-//   npm run db:watch        apply them, then run and re-run migrations/current.sql on every save
-//   npm run db:commit -- -m "message"   commit current.sql (rebuilds the shadow database)
+//   npm run db:watch        apply them, then run and re-run migrations/current/ on every save
+//   npm run db:commit -- -m "message"   commit migrations/current/ (rebuilds the shadow database)
 //   npm run db:reset        drop and recreate the database (asks no questions: development only)
 //   npm run db:dump         rebuild the shadow database and refresh migrations/schema.sql
 //   npm run db -- status    any other graphile-migrate command
