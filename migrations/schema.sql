@@ -212,6 +212,17 @@ constraint attribution_events_occurrences_check CHECK (occurrences >= 0);
 constraint attribution_events_pkey PRIMARY KEY (event);
 CREATE UNIQUE INDEX attribution_events_pkey ON app_private.attribution_events USING btree (event);
 
+create table app_private.attribution_wakes (
+  key_hash bytea not null,  -- sha256 of the imported key, as chat_completion_requests.api_key_hash.
+  woken_at timestamp with time zone not null default now()  -- When the key was imported.
+);
+-- row level security: enabled
+-- acl: (default)
+-- comment: Hashes of keys imported while pending rows presented them: the retry worker resolves those rows first, whatever their next attempt time, then removes the hash. Written by import_api_key(), read and emptied by resolve_pending_attributions().
+constraint attribution_wakes_key_hash_check CHECK (octet_length(key_hash) = 32);
+constraint attribution_wakes_pkey PRIMARY KEY (key_hash);
+CREATE UNIQUE INDEX attribution_wakes_pkey ON app_private.attribution_wakes USING btree (key_hash);
+
 create table app_private.request_ids (
   request_id text not null,  -- The request's id.
   created_at timestamp with time zone not null  -- The created_at of the recorded row.
@@ -276,6 +287,7 @@ constraint api_keys_source_check CHECK (source = ANY (ARRAY['created'::text, 'im
 constraint api_keys_user_id_fkey FOREIGN KEY (user_id) REFERENCES app_public.users(id) ON DELETE RESTRICT;
 CREATE UNIQUE INDEX api_keys_pkey ON app_public.api_keys USING btree (id);
 CREATE INDEX api_keys_user_id_idx ON app_public.api_keys USING btree (user_id);
+CREATE TRIGGER _900_notify_key_change AFTER UPDATE ON app_public.api_keys FOR EACH ROW WHEN (old.revoked_at IS DISTINCT FROM new.revoked_at OR old.expires_at IS DISTINCT FROM new.expires_at OR old.user_id IS DISTINCT FROM new.user_id) EXECUTE FUNCTION app_private.tg_api_keys__notify_change();  -- Announces revocations, expiry changes and owner changes to keytrack's key caches (channel keytrack_key_changes).
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every key.
 policy select_own for r to keytrack_user using ((user_id = app_public.current_user_id()));  -- A user sees only their own keys.
 policy update_admin for w to keytrack_admin using (true);  -- Admins rename keys and change their expiry.
@@ -441,6 +453,7 @@ constraint users_role_check CHECK (role = ANY (ARRAY['user'::text, 'admin'::text
 CREATE UNIQUE INDEX users_email_key ON app_public.users USING btree (lower(email));
 CREATE UNIQUE INDEX users_pkey ON app_public.users USING btree (id);
 CREATE TRIGGER _100_set_updated_at BEFORE UPDATE ON app_public.users FOR EACH ROW EXECUTE FUNCTION app_private.tg__set_updated_at();  -- Maintains users.updated_at.
+CREATE TRIGGER _900_notify_user_change AFTER DELETE OR UPDATE OF role ON app_public.users FOR EACH ROW EXECUTE FUNCTION app_private.tg_users__notify_change();  -- Announces role changes and deletions to keytrack's key caches (channel keytrack_key_changes).
 policy insert_admin for a to keytrack_admin with check (true);  -- Admins create users.
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every user.
 policy select_self for r to keytrack_user using ((id = app_public.current_user_id()));  -- A user sees only themselves.
@@ -860,13 +873,25 @@ begin
   if base_delay is null or base_delay <= interval '0' or max_delay is null or max_delay < base_delay then
     raise exception 'base_delay must be positive and max_delay at least base_delay' using errcode = '22023';
   end if;
-  with due as (
+  with woken as (
+    -- Rows whose key was imported since they became pending, due now whatever their next attempt time.
+    select r.id, r.created_at
+      from app_private.attribution_wakes w
+      join app_public.chat_completion_requests r
+        on r.api_key_hash = w.key_hash and r.attribution_status = 'pending'
+     limit batch_size
+     for update of r skip locked
+  ), scheduled as (
     select r.id, r.created_at
       from app_public.chat_completion_requests r
      where r.attribution_status = 'pending' and r.attribution_next_attempt_at <= as_of
      order by r.attribution_next_attempt_at
      limit batch_size
      for update skip locked
+  ), due as (
+    select distinct d.id, d.created_at
+      from (select * from woken union all select * from scheduled) d
+     limit batch_size
   ), looked_up as (
     select r.id, r.created_at, r.attribution_attempts + 1 as attempts, k.id as key_id, k.user_id as key_user_id
       from due d
@@ -903,9 +928,17 @@ begin
       array['retry_resolved', 'retry_still_pending', 'retry_failed'],
       array[v_result.resolved, v_result.still_pending, v_result.failed]::bigint[]);
   end if;
-  select min(r.attribution_next_attempt_at) into v_result.next_attempt_at
-    from app_public.chat_completion_requests r
-   where r.attribution_status = 'pending';
+  -- A woken hash is done once no pending row presents it (rows another worker holds keep it).
+  delete from app_private.attribution_wakes w
+   where not exists (select 1 from app_public.chat_completion_requests r
+                      where r.api_key_hash = w.key_hash and r.attribution_status = 'pending');
+  if exists (select 1 from app_private.attribution_wakes) then
+    v_result.next_attempt_at := now();
+  else
+    select min(r.attribution_next_attempt_at) into v_result.next_attempt_at
+      from app_public.chat_completion_requests r
+     where r.attribution_status = 'pending';
+  end if;
   if v_result.next_attempt_at is not null then
     perform app_private.schedule_attribution_retry(greatest(v_result.next_attempt_at, now()));
   end if;
@@ -913,7 +946,7 @@ begin
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: The retry worker's body: takes up to batch_size due pending rows (FOR UPDATE SKIP LOCKED, so workers run in parallel safely), looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Counts the outcomes in app_private.attribution_events (one upsert per batch). Reschedules the worker for the next due row. Idempotent.
+-- comment: The retry worker's body: takes up to batch_size pending rows, first those whose key was imported since (app_private.attribution_wakes), then those due by as_of (FOR UPDATE SKIP LOCKED: workers run in parallel and never wait on a row), and looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Counts the outcomes in app_private.attribution_events (one upsert per batch), removes the woken hashes that no pending row presents any more, and reschedules the worker (at once while woken rows remain). Idempotent.
 
 CREATE OR REPLACE FUNCTION app_private.run_attribution_backfill_batch(backfill_id bigint)
  RETURNS app_public.attribution_backfills
@@ -1078,6 +1111,20 @@ $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: Trigger function: keeps updated_at strictly increasing on every update.
 
+CREATE OR REPLACE FUNCTION app_private.tg_api_keys__notify_change()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+  perform pg_notify('keytrack_key_changes', json_build_object('api_key_id', new.id)::text);
+  return null;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Trigger function (AFTER UPDATE on api_keys, when the revocation, expiry or owner changes): announces the key's id on the channel keytrack_key_changes, so every keytrack process drops its cached lookup of that key. Delivered at commit, only if the transaction commits.
+
 CREATE OR REPLACE FUNCTION app_private.tg_chat_completion_requests__attribute()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1214,6 +1261,20 @@ end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: Trigger function (AFTER UPDATE/DELETE FOR EACH STATEMENT on chat_completion_requests, with transition tables): marks the UTC hours that already ended and whose rolled-up counts the statement changed in attribution_rollup_dirty_hours, one row per hour per statement. Writes nothing for rows of the current hour.
+
+CREATE OR REPLACE FUNCTION app_private.tg_users__notify_change()
+ RETURNS trigger
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+  perform pg_notify('keytrack_key_changes', json_build_object('user_id', old.id)::text);
+  return null;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Trigger function (AFTER UPDATE OF role or DELETE on users): announces the user's id on the channel keytrack_key_changes, so every keytrack process drops its cached lookups of that user's keys (their role decides admin rights).
 
 CREATE OR REPLACE FUNCTION app_public.api_key_hash(key text)
  RETURNS bytea
@@ -1525,17 +1586,18 @@ begin
             import_api_key.last4, import_api_key.environment, 'imported', import_api_key.expires_at)
     returning * into v_key;
   insert into app_private.api_key_secrets (api_key_id, key_hash) values (v_key.id, import_api_key.key_hash);
-  update app_public.chat_completion_requests r
-     set attribution_next_attempt_at = now()
-   where r.attribution_status = 'pending' and r.api_key_hash = import_api_key.key_hash;
-  if found then
+  -- Reads only (no row lock): the worker resolves the rows.
+  if exists (select 1 from app_public.chat_completion_requests r
+              where r.attribution_status = 'pending' and r.api_key_hash = import_api_key.key_hash) then
+    insert into app_private.attribution_wakes (key_hash) values (import_api_key.key_hash)
+      on conflict on constraint attribution_wakes_pkey do nothing;
     perform app_private.schedule_attribution_retry(now());
   end if;
   return v_key;
 end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner
--- comment: Registers a key issued by another system by its hash (sha256(convert_to(key, 'UTF8'))), for gateways that bring their own keys, and wakes the pending requests that presented it so the retry worker resolves them at once. Admins only.
+-- comment: Registers a key issued by another system by its hash (sha256(convert_to(key, 'UTF8'))), for gateways that bring their own keys. When pending requests presented it, notes the hash in app_private.attribution_wakes and wakes the retry worker, which resolves them at once; it locks no ledger row, so it never deadlocks with the worker or a backfill. Admins only.
 
 CREATE OR REPLACE FUNCTION app_public.revoke_api_key(api_key_id uuid)
  RETURNS app_public.api_keys

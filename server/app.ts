@@ -1,8 +1,15 @@
 /**
- * The Express application, assembled from small install steps (one file each
- * under middleware/). Order matters: health first (no auth, no body), then the
- * JSON body parser, GraphQL auth, PostGraphile, extra routes, and last the
- * 404 and error handlers.
+ * The Express application: every route group of the service, installed here
+ * in order, each from a file of its own. Order matters:
+ *
+ * 1. /health (no auth, no body parsing)
+ * 2. request timing for http_request_duration_seconds
+ * 3. the JSON body parser (grafserv uses the parsed body when present)
+ * 4. GraphQL: authentication, then PostGraphile (/graphql, /graphiql)
+ * 5. /metrics (Prometheus)
+ * 6. /v1: the OpenAI-compatible gateway
+ * 7. /admin/monitoring: the spec's monitoring endpoints
+ * 8. whatever the caller adds (tests), then the JSON 404 and error handlers
  */
 // Before PostGraphile is evaluated (tests may import this file directly).
 import "./preamble.js";
@@ -10,32 +17,18 @@ import "./preamble.js";
 import express from "express";
 import type { PostGraphileInstance } from "postgraphile";
 
-import type { ConnectedConfig } from "./config.js";
-import type { Pools } from "./db/pools.js";
-import type { Logger } from "./log.js";
-import type { Recorder } from "./recording/types.js";
-import type { DevKey } from "./chat/devKey.js";
-import { installAdminAuth } from "./middleware/installAdminAuth.js";
+import { installChat } from "./chat/installChat.js";
+import type { AppContext, Installer } from "./context.js";
+import { installMetrics, installMetricsEndpoint } from "./metrics/installMetrics.js";
 import { installErrorHandler } from "./middleware/installErrorHandler.js";
+import { installGraphQLAuth } from "./middleware/installGraphQLAuth.js";
 import { installHealth } from "./middleware/installHealth.js";
 import { installPostGraphile } from "./middleware/installPostGraphile.js";
-import { installMetrics } from "./metrics/installMetrics.js";
-
-export interface AppContext {
-  config: ConnectedConfig;
-  pools: Pools;
-  log: Logger;
-  /** The one recording path for request rows (retry, spool, replay). */
-  recorder: Recorder;
-  /** APP_ENV=development only: the dev key (or the bypass) that requests without credentials are attributed to. */
-  devKey?: DevKey;
-}
-
-/** A route group added by another module (metrics, monitoring, chat), mounted before the 404 handler. */
-export type Installer = (app: express.Express, ctx: AppContext) => void | Promise<void>;
+import { installMonitoring } from "./monitoring/installMonitoring.js";
 
 export interface MakeAppOptions {
-  installers?: Installer[];
+  /** Extra routes, mounted after the service's own and before the 404 handler (tests). */
+  extraInstallers?: Installer[];
 }
 
 export interface App {
@@ -50,14 +43,14 @@ export async function makeApp(ctx: AppContext, options: MakeAppOptions = {}): Pr
   app.disable("x-powered-by");
 
   installHealth(app, ctx);
-  // Times every later request (http_request_duration_seconds); /metrics itself is an installer.
   installMetrics(app, ctx);
-  // application/json bodies for every route; grafserv uses the parsed body when present.
   app.use(express.json({ limit: ctx.config.bodyLimit }));
-  installAdminAuth(app, ctx);
+  installGraphQLAuth(app, ctx);
   const postgraphile = await installPostGraphile(app, ctx);
   try {
-    for (const install of options.installers ?? []) await install(app, ctx);
+    for (const install of [installMetricsEndpoint, installChat, installMonitoring, ...(options.extraInstallers ?? [])]) {
+      await install(app, ctx);
+    }
     installErrorHandler(app, ctx);
   } catch (err) {
     await postgraphile.release();

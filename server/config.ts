@@ -47,8 +47,10 @@ export interface Config {
   readonly upstreamApiKey: string | null;
   /** Longest wait for the upstream to answer (headers) or to send the next bytes of its body, in ms. */
   readonly upstreamTimeoutMs: number;
-  /** How long /v1 key authentications are cached, in ms (0: no cache); a revocation takes effect within it. */
+  /** How long key lookups are cached, in ms (0: no cache); a change made outside keytrack's SQL takes effect within it. */
   readonly authCacheTtlMs: number;
+  /** While the database cannot be reached, a key verified usable within this long (ms) is still served (0: never). */
+  readonly authStaleMaxMs: number;
   readonly metricsToken: string | null;
   readonly retentionDays: number | null;
   readonly worker: boolean;
@@ -233,6 +235,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     upstreamApiKey: str(env, "UPSTREAM_API_KEY"),
     upstreamTimeoutMs: int(env, "UPSTREAM_TIMEOUT_MS", 1, 3_600_000, 60_000)!,
     authCacheTtlMs: int(env, "AUTH_CACHE_TTL_MS", 0, 600_000, 5000)!,
+    authStaleMaxMs: int(env, "AUTH_STALE_MAX_MS", 0, 86_400_000, 900_000)!,
     metricsToken: str(env, "METRICS_TOKEN"),
     retentionDays: int(env, "RETENTION_DAYS", 1, 1_000_000, null),
     worker: bool(env, "WORKER", true),

@@ -9,7 +9,12 @@ import "./preamble.js";
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 
-import { makeApp, type Installer } from "./app.js";
+import { makeApp } from "./app.js";
+import { createAuthenticator } from "./auth/authenticator.js";
+import { listenForKeyChanges } from "./auth/keyChanges.js";
+import { createKeyLookup, queryKey } from "./auth/keyLookup.js";
+import type { DevKey } from "./chat/devKey.js";
+import type { AppContext, Installer } from "./context.js";
 import { type Config, type ConnectedConfig, isConnected, withDatabaseUrls } from "./config.js";
 import { redactUrl } from "./db/urls.js";
 import { startEmbeddedPostgres, type EmbeddedPostgres } from "./db/embedded.js";
@@ -18,19 +23,15 @@ import { prepareDatabase } from "./db/prepare.js";
 import { createRecorder } from "./recording/recorder.js";
 import { getDevKey } from "./devMode.js";
 import { startWorker } from "./worker/runner.js";
-import { metricsEndpoint } from "./metrics/installMetrics.js";
 import { WorkerJobCounts } from "./metrics/workerJobs.js";
 import { createLogger, type Logger } from "./log.js";
-import { installChat } from "./chat/installChat.js";
-import { installMonitoring } from "./monitoring/installMonitoring.js";
 
 export interface StartServerOptions {
   log?: Logger;
-  /**
-   * The route groups mounted after GraphQL, before the 404 handler; default:
-   * the service's own (SERVICE_INSTALLERS). /metrics is always mounted.
-   */
-  installers?: Installer[];
+  /** Extra routes mounted after the service's own, before the 404 handler (tests). */
+  extraInstallers?: Installer[];
+  /** Development mode's key, instead of asking the database for it (tests of the bypass). */
+  devKey?: DevKey;
 }
 
 export interface RunningServer {
@@ -41,9 +42,6 @@ export interface RunningServer {
   /** Stops accepting connections, then releases PostGraphile, the pools and the embedded PostgreSQL. */
   close(): Promise<void>;
 }
-
-/** The service's route groups: the OpenAI-compatible gateway (/v1), the admin monitoring endpoints. */
-export const SERVICE_INSTALLERS: Installer[] = [installChat, installMonitoring];
 
 const SHUTDOWN_GRACE_MS = 5000;
 
@@ -98,7 +96,13 @@ export async function startServer(config: Config, options: StartServerOptions = 
     const recorder = createRecorder({ pool: pools.owner, dataDir: connected.dataDir, log: log.child({ component: "recorder" }), attempts: config.recordRetryAttempts, baseDelayMs: config.recordRetryBaseMs });
     undo.push(() => recorder.close());
 
-    const devKey = connected.appEnv === "development" ? await getDevKey(pools.owner, log) : undefined;
+    const devKey = connected.appEnv === "development" ? (options.devKey ?? (await getDevKey(pools.owner, log))) : undefined;
+
+    const keys = createKeyLookup({ query: queryKey(pools.owner), ttlMs: config.authCacheTtlMs, staleMaxMs: config.authStaleMaxMs });
+    const keyChanges = listenForKeyChanges({ connectionString: connected.db.databaseUrl, keys, log: log.child({ component: "auth" }) });
+    undo.push(() => keyChanges.close());
+    await keyChanges.ready;
+    const auth = createAuthenticator({ appEnv: config.appEnv, adminApiKey: config.adminApiKey, keys, log: log.child({ component: "auth" }) });
 
     // Job outcomes for /metrics, counted from the worker's first job on.
     const workerJobs = new WorkerJobCounts();
@@ -107,7 +111,8 @@ export async function startServer(config: Config, options: StartServerOptions = 
       undo.push(() => worker.stop());
     }
 
-    const app = await makeApp({ config: connected, pools, log, recorder, devKey }, { installers: [metricsEndpoint({ workerJobs }), ...(options.installers ?? SERVICE_INSTALLERS)] });
+    const ctx: AppContext = { config: connected, pools, log, auth, recorder, devKey, workerJobs };
+    const app = await makeApp(ctx, { extraInstallers: options.extraInstallers });
     undo.push(() => app.close());
 
     const server = http.createServer(app.app);

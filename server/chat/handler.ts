@@ -7,11 +7,11 @@
  */
 import type express from "express";
 
-import type { AppContext } from "../app.js";
-import type { ChatAuth } from "./auth.js";
+import type { AppContext } from "../context.js";
+import { authenticateChat } from "./identity.js";
 import { ClientConnection } from "./connection.js";
 import { ECHO_PROVIDER, serveEcho } from "./echo.js";
-import { ChatError, sendError } from "./errors.js";
+import { ApiError, sendError } from "../http/errors.js";
 import { failed, partial, type Outcome } from "./outcome.js";
 import { RequestEntry } from "./record.js";
 import { uuidv7 } from "./requestId.js";
@@ -19,7 +19,6 @@ import { forward, type UpstreamTarget } from "./upstream.js";
 import { type ChatKind, validateChat, validateResponses } from "./validate.js";
 
 export interface HandlerDeps {
-  auth: ChatAuth;
   /** null: the built-in echo model answers. */
   upstream: UpstreamTarget | null;
 }
@@ -32,7 +31,7 @@ export function chatHandler(kind: ChatKind, ctx: AppContext, deps: HandlerDeps):
     const requestId = uuidv7(createdAt);
     res.set("x-request-id", requestId);
 
-    const auth = await deps.auth.authenticate(req.get("authorization"));
+    const auth = await authenticateChat(ctx, req.get("authorization"));
     if (!auth.ok) return sendError(res, auth.error);
     const valid = validate(req.body);
     if (!valid.ok) return sendError(res, valid.error);
@@ -60,7 +59,7 @@ export function chatHandler(kind: ChatKind, ctx: AppContext, deps: HandlerDeps):
         ctx.log.error("chat request failed", { requestId, error: err });
         outcome = failed(`gateway error: ${(err as Error)?.message ?? String(err)}`);
         if (res.headersSent) conn.end();
-        else sendError(res, new ChatError(500, "The gateway failed to serve the request.", "server_error", "internal_error"));
+        else sendError(res, new ApiError(500, "The gateway failed to serve the request.", "server_error", "internal_error"));
       }
     }
     entry.settle(outcome);

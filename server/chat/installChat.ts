@@ -5,8 +5,7 @@
  * one ledger row. Body parsing (BODY_LIMIT, malformed JSON) happens before, in
  * app.ts; its errors come out of installErrorHandler in OpenAI's error shape.
  */
-import type { Installer } from "../app.js";
-import { createChatAuth } from "./auth.js";
+import type { Installer } from "../context.js";
 import { chatHandler, type HandlerDeps } from "./handler.js";
 import { modelsHandler } from "./models.js";
 import { upstreamTarget } from "./upstream.js";
@@ -16,12 +15,12 @@ export const installChat: Installer = (app, ctx) => {
   const upstream = config.upstreamBaseUrl
     ? upstreamTarget(config.upstreamBaseUrl, config.upstreamApiKey, config.upstreamTimeoutMs)
     : null;
-  const deps: HandlerDeps = { auth: createChatAuth(ctx), upstream };
+  const deps: HandlerDeps = { upstream };
 
   app.post("/v1/chat/completions", chatHandler("chat", ctx, deps));
   app.post("/v1/responses", chatHandler("responses", ctx, deps));
-  app.get("/v1/models", modelsHandler(deps.auth, upstream));
-  app.get("/v1/models/:model", modelsHandler(deps.auth, upstream));
+  app.get("/v1/models", modelsHandler(ctx, upstream));
+  app.get("/v1/models/:model", modelsHandler(ctx, upstream));
 
   if (upstream) ctx.log.info("chat endpoints forward to the upstream", { provider: upstream.provider });
   else ctx.log.info("chat endpoints answer with the built-in echo model (UPSTREAM_BASE_URL is unset; a development aid)");

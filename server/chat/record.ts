@@ -5,9 +5,9 @@
  * one recording path (ctx.recorder: retries, then the durable spool); its
  * failures are logged, never thrown.
  */
-import type { AppContext } from "../app.js";
+import type { AppContext } from "../context.js";
 import type { RequestRecord } from "../recording/types.js";
-import type { ChatIdentity } from "./auth.js";
+import type { ChatIdentity } from "./identity.js";
 import type { Outcome } from "./outcome.js";
 
 export interface EntryInit {

@@ -19,7 +19,7 @@ import type express from "express";
 
 import type { Logger } from "../log.js";
 import type { ClientConnection } from "./connection.js";
-import { ChatError, sendError } from "./errors.js";
+import { ApiError, sendError } from "../http/errors.js";
 import { completed, failed, partial, type Outcome } from "./outcome.js";
 import { SSE_HEADERS, SseParser, sseData, sseEvent } from "./sse.js";
 import { errorMessageOf, StreamWatch, usageOf } from "./usage.js";
@@ -109,17 +109,17 @@ function parseJson(buf: Buffer): unknown {
 }
 
 /** The client's answer to an upstream error status, and the row's error message. */
-function upstreamFailure(status: number, body: unknown, raw: Buffer): { error: ChatError; passthrough: boolean; message: string } {
+function upstreamFailure(status: number, body: unknown, raw: Buffer): { error: ApiError; passthrough: boolean; message: string } {
   const upstreamMessage = errorMessageOf(body) ?? (clip(raw.toString("utf8").trim()) || `HTTP ${status}`);
   const message = clip(`upstream HTTP ${status}: ${upstreamMessage}`);
   if (status >= 500) {
-    return { error: new ChatError(502, `The upstream failed (HTTP ${status}): ${upstreamMessage}`, "upstream_error", "upstream_error"), passthrough: false, message };
+    return { error: new ApiError(502, `The upstream failed (HTTP ${status}): ${upstreamMessage}`, "upstream_error", "upstream_error"), passthrough: false, message };
   }
   if (status === 401 || status === 403) {
-    return { error: new ChatError(502, "The upstream refused the gateway's credentials.", "upstream_error", "upstream_auth_failed"), passthrough: false, message };
+    return { error: new ApiError(502, "The upstream refused the gateway's credentials.", "upstream_error", "upstream_auth_failed"), passthrough: false, message };
   }
   const type = status === 429 ? "rate_limit_error" : "invalid_request_error";
-  return { error: new ChatError(status, upstreamMessage, type, status === 429 ? "rate_limit_exceeded" : "upstream_rejected"), passthrough: errorMessageOf(body) !== null, message };
+  return { error: new ApiError(status, upstreamMessage, type, status === 429 ? "rate_limit_exceeded" : "upstream_rejected"), passthrough: errorMessageOf(body) !== null, message };
 }
 
 export async function forward(
@@ -152,12 +152,12 @@ export async function forward(
     } catch (err) {
       if (conn.gone) return partial("client disconnected before the upstream answered");
       if (timer.timedOut) {
-        sendError(res, new ChatError(504, `The upstream did not answer within ${target.timeoutMs} ms.`, "upstream_error", "upstream_timeout"));
+        sendError(res, new ApiError(504, `The upstream did not answer within ${target.timeoutMs} ms.`, "upstream_error", "upstream_timeout"));
         return failed(timeoutMessage("before answering"));
       }
       const why = describeFetchError(err);
       log.warn("upstream unreachable", { requestId, error: why });
-      sendError(res, new ChatError(502, "The upstream is unreachable.", "upstream_error", "upstream_unavailable"));
+      sendError(res, new ApiError(502, "The upstream is unreachable.", "upstream_error", "upstream_unavailable"));
       return failed(clip(`upstream unreachable: ${why}`));
     }
     timer.touch();
@@ -175,8 +175,8 @@ export async function forward(
       if (conn.gone) return partial("client disconnected before the upstream answered");
       const why = timer.timedOut ? timeoutMessage("while answering") : `upstream answer broke off: ${describeFetchError(err)}`;
       sendError(res, timer.timedOut
-        ? new ChatError(504, `The upstream stopped answering for ${target.timeoutMs} ms.`, "upstream_error", "upstream_timeout")
-        : new ChatError(502, "The upstream's answer broke off.", "upstream_error", "upstream_error"));
+        ? new ApiError(504, `The upstream stopped answering for ${target.timeoutMs} ms.`, "upstream_error", "upstream_timeout")
+        : new ApiError(502, "The upstream's answer broke off.", "upstream_error", "upstream_error"));
       return failed(clip(why));
     }
     const body = parseJson(raw);

@@ -3,7 +3,7 @@
  * relies on (model, messages or input, stream flags), with OpenAI-style 400s
  * naming the parameter. Everything else is the upstream's to judge.
  */
-import { badRequest, type ChatError } from "./errors.js";
+import { badRequest, type ApiError } from "../http/errors.js";
 
 export type ChatKind = "chat" | "responses";
 
@@ -16,7 +16,7 @@ export interface ValidRequest {
   clientWantsUsage: boolean;
 }
 
-export type Validation = { ok: true; request: ValidRequest } | { ok: false; error: ChatError };
+export type Validation = { ok: true; request: ValidRequest } | { ok: false; error: ApiError };
 
 const MAX_MODEL_LENGTH = 200; // the ledger's model column
 
@@ -34,7 +34,7 @@ const wrongType = (param: string, expected: string, got: unknown) =>
 
 const missing = (param: string) => badRequest(`Missing required parameter: '${param}'.`, param, "missing_required_parameter");
 
-function checkCommon(body: unknown): { body: Record<string, unknown>; model: string; stream: boolean } | ChatError {
+function checkCommon(body: unknown): { body: Record<string, unknown>; model: string; stream: boolean } | ApiError {
   if (!isObject(body)) {
     return body === undefined
       ? badRequest("The request body must be JSON (Content-Type: application/json).", null, "invalid_json")
@@ -52,7 +52,7 @@ function checkCommon(body: unknown): { body: Record<string, unknown>; model: str
   return { body, model, stream: stream === true };
 }
 
-function checkMessages(messages: unknown, param: string): ChatError | null {
+function checkMessages(messages: unknown, param: string): ApiError | null {
   if (messages === undefined || messages === null) return missing(param);
   if (!Array.isArray(messages)) return wrongType(param, "an array of objects", messages);
   if (messages.length === 0 && param === "messages") return badRequest(`Invalid '${param}': empty array. Expected at least one message.`, param, "empty_array");

@@ -4,17 +4,18 @@
  * - installMetrics(app, ctx): early middleware (app.ts, right after /health)
  *   that times every request into http_request_duration_seconds, labelled by
  *   the matched route pattern, never the raw URL;
- * - metricsEndpoint(options): the Installer that serves GET /metrics (main.ts),
- *   behind `Authorization: Bearer $METRICS_TOKEN` when that is set.
+ * - installMetricsEndpoint: serves GET /metrics, behind
+ *   `Authorization: Bearer $METRICS_TOKEN` when that is set.
  *
  * Both find the app's own registry (one per Express app) through a WeakMap.
  */
 import type express from "express";
 
-import type { AppContext, Installer } from "../app.js";
-import { safeEqual } from "../middleware/installAdminAuth.js";
+import { parseBearer } from "../auth/bearer.js";
+import { safeEqual } from "../auth/secrets.js";
+import type { AppContext, Installer } from "../context.js";
+import { ApiError, sendError } from "../http/errors.js";
 import { createMetrics, type KeytrackMetrics } from "./registry.js";
-import type { WorkerJobCounts } from "./workerJobs.js";
 
 const byApp = new WeakMap<express.Express, KeytrackMetrics>();
 
@@ -55,39 +56,28 @@ export function installMetrics(app: express.Express, ctx: AppContext): void {
   });
 }
 
-const UNAUTHORIZED = {
-  error: { message: "a valid METRICS_TOKEN bearer token is required", type: "invalid_request_error", code: "unauthorized" },
+const UNAUTHORIZED = new ApiError(401, "a valid METRICS_TOKEN bearer token is required", "authentication_error", "unauthorized");
+
+/** GET /metrics: Prometheus text format, behind `Authorization: Bearer $METRICS_TOKEN` when that is set. */
+export const installMetricsEndpoint: Installer = (app, ctx) => {
+  const metrics = metricsOf(app, ctx);
+  if (ctx.workerJobs) metrics.addWorkerJobs(ctx.workerJobs);
+  const token = ctx.config.metricsToken;
+  app.get("/metrics", async (req, res, next) => {
+    res.set("Cache-Control", "no-store");
+    if (token !== null) {
+      const bearer = parseBearer(req.get("authorization"));
+      if (bearer.kind !== "token" || !safeEqual(bearer.token, token)) {
+        res.set("WWW-Authenticate", 'Bearer realm="keytrack-metrics"');
+        return sendError(res, UNAUTHORIZED);
+      }
+    }
+    try {
+      const body = await metrics.registry.metrics();
+      res.set("Content-Type", metrics.registry.contentType);
+      res.send(body);
+    } catch (err) {
+      next(err);
+    }
+  });
 };
-const BEARER = /^Bearer +(\S+) *$/i;
-
-export interface MetricsEndpointOptions {
-  /** Job outcomes of the worker running in this process (WORKER=true). */
-  workerJobs?: WorkerJobCounts;
-}
-
-/** GET /metrics: Prometheus text format. */
-export function metricsEndpoint(options: MetricsEndpointOptions = {}): Installer {
-  return (app, ctx) => {
-    const metrics = metricsOf(app, ctx);
-    if (options.workerJobs) metrics.addWorkerJobs(options.workerJobs);
-    const token = ctx.config.metricsToken;
-    app.get("/metrics", async (req, res, next) => {
-      res.set("Cache-Control", "no-store");
-      if (token !== null) {
-        const presented = BEARER.exec(req.get("authorization") ?? "")?.[1];
-        if (presented === undefined || !safeEqual(presented, token)) {
-          res.set("WWW-Authenticate", 'Bearer realm="keytrack-metrics"');
-          res.status(401).json(UNAUTHORIZED);
-          return;
-        }
-      }
-      try {
-        const body = await metrics.registry.metrics();
-        res.set("Content-Type", metrics.registry.contentType);
-        res.send(body);
-      } catch (err) {
-        next(err);
-      }
-    });
-  };
-}

@@ -20,7 +20,7 @@
  */
 import client from "prom-client";
 
-import type { AppContext } from "../app.js";
+import type { AppContext } from "../context.js";
 import { DB_COLUMNS, DB_METRICS, type DbMetricName, mapAttributionMetrics } from "./dbMetrics.js";
 import { DbMetricsSource, type DbSourceOptions, type MetricsPool } from "./dbSource.js";
 import type { WorkerJobCounts } from "./workerJobs.js";

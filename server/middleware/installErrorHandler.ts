@@ -6,7 +6,7 @@
  */
 import type express from "express";
 
-import type { AppContext } from "../app.js";
+import type { AppContext } from "../context.js";
 
 interface HttpishError {
   status?: number;

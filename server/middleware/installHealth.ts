@@ -1,7 +1,7 @@
 /** GET /health: is the process up, and does the database answer (owner pool, 2 s budget)? */
 import type express from "express";
 
-import type { AppContext } from "../app.js";
+import type { AppContext } from "../context.js";
 
 const TIMEOUT_MS = 2000;
 

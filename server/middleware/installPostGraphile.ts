@@ -2,7 +2,7 @@
  * PostGraphile v5 (Amber preset) on Express through grafserv: GraphQL at
  * /graphql, GraphiQL (Ruru) at /graphiql. Requests connect as the NOINHERIT
  * authenticator and switch role per request from the pgSettings that
- * installAdminAuth resolved; introspection runs as keytrack_admin so the
+ * installGraphQLAuth resolved; introspection runs as keytrack_admin so the
  * schema shows what an admin may see (objects without a GRANT disappear).
  */
 import type express from "express";
@@ -13,7 +13,7 @@ import { grafserv } from "postgraphile/grafserv/express/v4";
 import { GraphQLError } from "postgraphile/graphql";
 import { PostGraphileAmberPreset } from "postgraphile/presets/amber";
 
-import type { AppContext } from "../app.js";
+import type { AppContext } from "../context.js";
 
 export const GRAPHQL_PATH = "/graphql";
 export const GRAPHIQL_PATH = "/graphiql";

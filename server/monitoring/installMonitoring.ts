@@ -10,8 +10,8 @@
  */
 import type express from "express";
 
-import type { AppContext, Installer } from "../app.js";
-import { sendError } from "./errors.js";
+import type { AppContext, Installer } from "../context.js";
+import { ApiError, sendError } from "../http/errors.js";
 import { parseIntParam, type IntParam } from "./params.js";
 import { qualityReport, trendReport } from "./reports.js";
 import { requireAdmin } from "./requireAdmin.js";
@@ -26,17 +26,16 @@ function report(ctx: AppContext, param: IntParam, read: (value: number) => Promi
     res.set("Cache-Control", "no-store");
     const parsed = parseIntParam((req.query as Record<string, unknown>)[param.name], param);
     if (!parsed.ok) {
-      return sendError(res, 422, "invalid_request_error", "invalid_parameter", parsed.message, {
-        param: param.name,
+      return sendError(res, new ApiError(422, parsed.message, "invalid_request_error", "invalid_parameter", param.name, {
         minimum: param.min,
         maximum: param.max,
-      });
+      }));
     }
     try {
       res.status(200).json(await read(parsed.value));
     } catch (err) {
       ctx.log.error("monitoring report failed", { path: req.path, error: err });
-      sendError(res, 503, "server_error", "database_unavailable", "the monitoring data could not be read from the database, try again");
+      sendError(res, new ApiError(503, "the monitoring data could not be read from the database, try again", "server_error", "database_unavailable"));
     }
   };
 }

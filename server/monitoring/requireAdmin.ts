@@ -1,7 +1,7 @@
 /**
- * Admin-only access for /admin/monitoring: `Authorization: Bearer $ADMIN_API_KEY`
- * (constant-time compare) or a usable API key whose user is an admin. Reuses
- * the GraphQL bearer check (installAdminAuth's authenticate):
+ * Admin-only access for /admin/monitoring (and the console's API):
+ * `Authorization: Bearer $ADMIN_API_KEY` or a usable API key whose user is an
+ * admin, as the one authenticator (server/auth) resolves them:
  *
  * - no credentials, malformed header, unknown/revoked/expired key -> 401
  * - a usable key of a non-admin user                              -> 403
@@ -9,31 +9,28 @@
  */
 import type express from "express";
 
-import type { AppContext } from "../app.js";
-import { authenticate } from "../middleware/installAdminAuth.js";
-import { sendError } from "./errors.js";
+import type { AppContext } from "../context.js";
+import { ApiError, sendError } from "../http/errors.js";
+
+const MISSING = new ApiError(401, "this endpoint needs Authorization: Bearer <ADMIN_API_KEY or an admin user's API key>",
+  "authentication_error", "missing_credentials");
+const INVALID = new ApiError(401, "invalid credentials", "authentication_error", "invalid_credentials");
+const UNAVAILABLE = new ApiError(503, "authentication is unavailable, try again", "server_error", "authentication_unavailable");
+const FORBIDDEN = new ApiError(403, "this endpoint is for admins only", "permission_error", "forbidden");
 
 export function requireAdmin(ctx: AppContext): express.RequestHandler {
   return async (req, res, next) => {
     try {
-      const header = req.get("authorization");
-      if (header === undefined || header === "") {
-        res.set("WWW-Authenticate", 'Bearer realm="keytrack"');
-        return sendError(res, 401, "authentication_error", "missing_credentials",
-          "this endpoint needs Authorization: Bearer <ADMIN_API_KEY or an admin user's API key>");
-      }
-      const result = await authenticate(ctx, header);
+      const result = await ctx.auth.authenticate(req.get("authorization"));
       if (!result.ok) {
-        if (result.status === 503) {
-          return sendError(res, 503, "server_error", "authentication_unavailable", "authentication is unavailable, try again");
-        }
+        if (result.status === 503) return sendError(res, UNAVAILABLE);
         ctx.log.debug("monitoring request refused", { reason: result.reason });
         res.set("WWW-Authenticate", 'Bearer realm="keytrack", error="invalid_token"');
-        return sendError(res, 401, "authentication_error", "invalid_credentials", "invalid credentials");
+        return sendError(res, INVALID);
       }
-      if (result.pgSettings.role !== "keytrack_admin") {
-        return sendError(res, 403, "permission_error", "forbidden", "this endpoint is for admins only");
-      }
+      const { principal } = result;
+      if (principal === null) return sendError(res, MISSING);
+      if (principal.kind === "key" && !principal.isAdmin) return sendError(res, FORBIDDEN);
       next();
     } catch (err) {
       next(err);

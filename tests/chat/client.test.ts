@@ -5,8 +5,10 @@ import test from "ava";
 import OpenAI from "openai";
 
 import type { RunningServer } from "../../server/main.js";
-import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
-import { client, rowOf, rowsFor, startChatServer } from "./helpers.js";
+import { createKey, createTestDb, createUser, rowsFor, type TestDb } from "../helpers/db.js";
+import { client, rowOf } from "../helpers/chat.js";
+import { startTestServer } from "../helpers/server.js";
+import { sleep } from "../helpers/poll.js";
 
 let db: TestDb;
 let closed: RunningServer; // ALLOW_ANONYMOUS=false
@@ -16,8 +18,8 @@ let userId: string;
 
 test.before(async () => {
   db = await createTestDb();
-  closed = await startChatServer(db, { ALLOW_ANONYMOUS: "false" });
-  open = await startChatServer(db, { ALLOW_ANONYMOUS: "true" });
+  closed = await startTestServer(db, { ALLOW_ANONYMOUS: "false" });
+  open = await startTestServer(db, { ALLOW_ANONYMOUS: "true" });
   userId = await createUser(db, "chat@example.com");
   key = await createKey(db, userId, "chat");
 });
@@ -139,8 +141,8 @@ test("a bad key: the client raises its authentication error (401, OpenAI error s
   t.is(err.status, 401);
   t.is(err.code, "invalid_api_key");
   t.truthy(err.requestID);
-  await new Promise((r) => setTimeout(r, 200));
-  t.is((await rowsFor(db, err.requestID!)).length, 0);
+  await sleep(200);
+  t.is((await rowsFor(db.owner, [err.requestID!])).length, 0);
 });
 
 test("a bad key with anonymous access on is still a 401, never silently anonymous", async (t) => {

@@ -10,13 +10,14 @@ import OpenAI from "openai";
 import type { RunningServer } from "../../server/main.js";
 import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
 import { waitFor } from "../helpers/poll.js";
-import { FAKE_TEXT, FAKE_USAGE, startFakeUpstream, type FakeUpstream } from "./fakeUpstream.js";
-import { client, post, rowOf, startChatServer } from "./helpers.js";
+import { FAKE_TEXT, FAKE_USAGE, startFakeUpstream, type FakeUpstream } from "../helpers/fakeUpstream.js";
+import { client, post, rowOf } from "../helpers/chat.js";
+import { startTestServer } from "../helpers/server.js";
 
 // The upstream timeout is the thing under test only in the two timeout tests, which use a
 // server of their own (their fake upstream never answers, so the margin cannot be too small).
 // Every other test runs far below a timeout that a slow, busy machine never reaches.
-const TIMEOUT_MS = 1500;
+const TIMEOUT_MS = 5000;
 const GENEROUS_TIMEOUT_MS = 120_000;
 const UPSTREAM_KEY = "upstream-secret-key";
 
@@ -32,13 +33,13 @@ const served: string[] = [];
 test.before(async () => {
   db = await createTestDb();
   fake = await startFakeUpstream();
-  server = await startChatServer(db, {
+  server = await startTestServer(db, {
     UPSTREAM_BASE_URL: fake.url,
     UPSTREAM_API_KEY: UPSTREAM_KEY,
     UPSTREAM_TIMEOUT_MS: String(GENEROUS_TIMEOUT_MS),
     ALLOW_ANONYMOUS: "false",
   });
-  tight = await startChatServer(db, {
+  tight = await startTestServer(db, {
     UPSTREAM_BASE_URL: fake.url,
     UPSTREAM_API_KEY: UPSTREAM_KEY,
     UPSTREAM_TIMEOUT_MS: String(TIMEOUT_MS),
@@ -265,7 +266,7 @@ test("upstream down: a 502 with a JSON error, recorded as failed", async (t) => 
       s.close(() => resolve(p));
     });
   });
-  const down = await startChatServer(db, { UPSTREAM_BASE_URL: `http://127.0.0.1:${port}/v1`, ALLOW_ANONYMOUS: "false" });
+  const down = await startTestServer(db, { UPSTREAM_BASE_URL: `http://127.0.0.1:${port}/v1`, ALLOW_ANONYMOUS: "false" });
   try {
     const res = await post(down, "/v1/chat/completions", { model: "x", messages }, { authorization: `Bearer ${key.secret}` });
     t.is(res.status, 502);

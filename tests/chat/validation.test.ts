@@ -5,8 +5,10 @@ import OpenAI from "openai";
 
 import type { RunningServer } from "../../server/main.js";
 import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
-import { startFakeUpstream, type FakeUpstream } from "./fakeUpstream.js";
-import { client, post, startChatServer } from "./helpers.js";
+import { startFakeUpstream, type FakeUpstream } from "../helpers/fakeUpstream.js";
+import { client, post } from "../helpers/chat.js";
+import { startTestServer } from "../helpers/server.js";
+import { sleep } from "../helpers/poll.js";
 
 let db: TestDb;
 let fake: FakeUpstream;
@@ -16,13 +18,13 @@ let auth: Record<string, string>;
 test.before(async () => {
   db = await createTestDb();
   fake = await startFakeUpstream();
-  server = await startChatServer(db, { UPSTREAM_BASE_URL: fake.url, BODY_LIMIT: "2kb", ALLOW_ANONYMOUS: "false" });
+  server = await startTestServer(db, { UPSTREAM_BASE_URL: fake.url, BODY_LIMIT: "2kb", ALLOW_ANONYMOUS: "false" });
   const key = await createKey(db, await createUser(db, "val@example.com"));
   auth = { authorization: `Bearer ${key.secret}` };
 });
 
 test.after("no upstream call and no row for any bad request", async (t) => {
-  await new Promise((r) => setTimeout(r, 200));
+  await sleep(200);
   t.is(fake.calls.length, 0);
   const { rows } = await db.owner.query("select count(*)::int as n from app_public.chat_completion_requests");
   t.is(rows[0].n, 0);

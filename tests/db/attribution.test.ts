@@ -1,7 +1,7 @@
 // The BEFORE INSERT trigger attributes every row from the presented key hash,
 // whoever writes it, and request_id makes re-delivery a no-op.
 import test from "ava";
-import { createKey, createTestDb, createUser, withClient, type TestDb } from "../helpers/db.js";
+import { asRole, createKey, createTestDb, createUser, withClient, type TestDb } from "../helpers/db.js";
 
 let db: TestDb;
 let alice: string;
@@ -188,11 +188,8 @@ test("keys are never hard-deleted; revoking twice keeps the first time", async (
   const second = (await db.owner.query("select revoked_at from app_public.revoke_api_key($1)", [key.id])).rows[0].revoked_at;
   t.deepEqual(first, second);
   // Nobody but the owner is granted DELETE: admins get permission denied.
-  const asAdmin = await withClient(db.authUrl, async (c) => {
-    await c.query("begin");
-    await c.query("set local role keytrack_admin");
-    return c.query("delete from app_public.api_keys where id = $1", [key.id]).then(() => null, (e) => e);
-  });
+  const asAdmin = await asRole(db, "keytrack_admin", {}, (c) =>
+    c.query("delete from app_public.api_keys where id = $1", [key.id]).then(() => null, (e) => e));
   t.is(asAdmin?.code, "42501");
 });
 
@@ -200,11 +197,7 @@ test("role checks in key management: users manage only their own keys", async (t
   const bob = await createUser(db, "bob@example.com");
   const bobKey = await createKey(db, bob);
   const asUser = (userId: string, sql: string, params: unknown[]) =>
-    withClient(db.authUrl, async (c) => {
-      await c.query("begin");
-      await c.query("select set_config('role', 'keytrack_user', true), set_config('keytrack.user_id', $1, true)", [userId]);
-      return c.query(sql, params).then((r) => r.rows, (e) => e);
-    });
+    asRole(db, "keytrack_user", { userId }, (c) => c.query(sql, params).then((r) => r.rows, (e) => e));
   const mine = await asUser(alice, "select * from app_public.create_api_key($1, 'mine')", [alice]);
   t.true(Array.isArray(mine) && /^kt_live_/.test(mine[0].secret));
   const forBob = await asUser(alice, "select * from app_public.create_api_key($1, 'not mine')", [bob]);

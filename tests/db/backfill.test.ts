@@ -4,9 +4,8 @@
 // NULL with a reason, flags rows with neither key nor user anonymous; batched,
 // resumable, and safe while inserts run.
 import test from "ava";
-import pg from "pg";
 import { runBackfill } from "../../server/cli/backfill.js";
-import { createKey, createTestDb, createUser, withClient, type TestDb } from "../helpers/db.js";
+import { asRole, createKey, createTestDb, createUser, makePool, type TestDb } from "../helpers/db.js";
 
 let db: TestDb;
 
@@ -92,7 +91,7 @@ test.serial("resumable: an interrupted run continues where it stopped; a second 
   const { rows: [again] } = await db.owner.query("select * from app_public.start_attribution_backfill(10)");
   t.is(again.id, run.id, "resumes the running run");
   t.is(again.examined, "10");
-  const pool = new pg.Pool({ connectionString: db.ownerUrl, max: 1 });
+  const pool = makePool(db.ownerUrl, { max: 1 });
   try {
     const done = await runBackfill(pool, 10, () => false, silent);
     t.like(done, { id: run.id, status: "finished", examined: nullRows, filled: "25" });
@@ -116,7 +115,7 @@ test.serial("backfill while inserts run: no row lost, none attributed twice", as
       );
     }
   })();
-  const pool = new pg.Pool({ connectionString: db.ownerUrl, max: 1 });
+  const pool = makePool(db.ownerUrl, { max: 1 });
   try {
     const [run] = await Promise.all([runBackfill(pool, 7, () => false, silent), writer]);
     t.is(run.status, "finished");
@@ -133,11 +132,7 @@ test.serial("backfill while inserts run: no row lost, none attributed twice", as
 });
 
 test.serial("only admins start a backfill; bad batch sizes are refused", async (t) => {
-  const err = await withClient(db.authUrl, async (c) => {
-    await c.query("begin");
-    await c.query("set local role keytrack_user");
-    return c.query("select app_public.start_attribution_backfill()").catch((e) => e);
-  });
+  const err = await asRole(db, "keytrack_user", {}, (c) => c.query("select app_public.start_attribution_backfill()").catch((e) => e));
   t.is(err.code, "42501");
   const bad = await db.owner.query("select app_public.start_attribution_backfill(0)").catch((e) => e);
   t.is(bad.code, "22023");

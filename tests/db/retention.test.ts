@@ -2,7 +2,7 @@
 // rollups: the history stays in the reports, the guard forgets their request
 // ids, and nothing inside the window (or the default partition) is touched.
 import test from "ava";
-import { createTestDb, type TestDb } from "../helpers/db.js";
+import { createTestDb, settleRollups, type TestDb } from "../helpers/db.js";
 
 let db: TestDb;
 test.before(async () => {
@@ -33,11 +33,7 @@ test("drops expired months after freezing their rollups; keeps the window and th
   t.is(early.code, "55000");
 
   // Settling takes a refresh to set its fence and one after the fence's transactions ended.
-  for (let i = 0; i < 20; i++) {
-    const { rows: [r] } = await db.owner.query("select * from app_private.refresh_attribution_rollups()");
-    if (r.settled_through && r.settled_through >= new Date("2020-03-01")) break;
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
+  await settleRollups(db.owner);
   const history = async () =>
     (await db.owner.query(
       "select sum(requests)::int as n from app_public.attribution_counts_by_hour('2020-01-01', '2020-03-01')")).rows[0].n;

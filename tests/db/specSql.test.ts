@@ -3,7 +3,7 @@
 // user but no key, 45 anonymous.
 import test from "ava";
 import { createKey, createTestDb, createUser, withClient, type TestDb } from "../helpers/db.js";
-import { BREAKDOWN_BY_REQUEST_TYPE, HOURLY_TRACKING_QUALITY, POTENTIAL_LOOKUP_FAILURES, VIEW_QUERY } from "../fixtures/specSql.js";
+import { BREAKDOWN_BY_REQUEST_TYPE, HOURLY_TRACKING_QUALITY, POTENTIAL_LOOKUP_FAILURES, VIEW_QUERY } from "../helpers/specSql.js";
 
 let db: TestDb;
 

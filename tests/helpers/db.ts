@@ -4,6 +4,7 @@ import { randomBytes } from "node:crypto";
 import pg from "pg";
 import { applyDatabasePrivileges } from "../../server/db/prepare.js";
 import { withDatabaseName, withUser } from "../../server/db/urls.js";
+import { waitFor } from "./poll.js";
 
 export interface TestDb {
   name: string;
@@ -68,6 +69,13 @@ export async function createTestDb(): Promise<TestDb> {
   };
 }
 
+/** A pool the test owns (and ends); idle-client errors (cut connections) are expected. */
+export function makePool(connectionString: string, config: pg.PoolConfig = {}): pg.Pool {
+  const pool = new pg.Pool({ connectionString, max: 3, ...config });
+  pool.on("error", () => {});
+  return pool;
+}
+
 /** Runs fn in a client connected with the given URL, then disconnects. */
 export async function withClient<T>(url: string, fn: (client: pg.Client) => Promise<T>): Promise<T> {
   const client = new pg.Client({ connectionString: url });
@@ -80,6 +88,65 @@ export async function withClient<T>(url: string, fn: (client: pg.Client) => Prom
   }
 }
 
+/** The roles the service switches a /graphql request to (its pgSettings: server/middleware/). */
+export type RequestRole = "keytrack_admin" | "keytrack_user";
+
+/** What the service sets besides the role (pgSettings keytrack.user_id, keytrack.api_key_id). */
+export interface RequestSettings {
+  userId?: string;
+  apiKeyId?: string;
+}
+
+export interface AsRoleOptions {
+  /** The transaction's isolation level (one snapshot for several reads: "repeatable read"). */
+  isolation?: "read committed" | "repeatable read" | "serializable";
+}
+
+/**
+ * Runs fn as the service runs a request: connected as keytrack_authenticator,
+ * in a transaction whose role and settings are set with set_config(..., true),
+ * as PostGraphile applies the pgSettings the service's /graphql auth builds
+ * (role, keytrack.user_id, keytrack.api_key_id). The transaction is always
+ * rolled back (no caller needs what fn writes kept); an error from fn, or a
+ * refused role switch (42501), is passed on.
+ */
+export async function asRole<T>(
+  db: Pick<TestDb, "authUrl">,
+  role: RequestRole,
+  settings: RequestSettings,
+  fn: (client: pg.Client) => Promise<T>,
+  { isolation }: AsRoleOptions = {},
+): Promise<T> {
+  const pgSettings: Record<string, string | undefined> = {
+    role,
+    "keytrack.user_id": settings.userId,
+    "keytrack.api_key_id": settings.apiKeyId,
+  };
+  const entries = Object.entries(pgSettings).filter((e): e is [string, string] => e[1] !== undefined);
+  return withClient(db.authUrl, async (client) => {
+    await client.query(isolation ? `begin isolation level ${isolation}` : "begin");
+    try {
+      // The statement @dataplan/pg runs for a request's pgSettings.
+      await client.query("select set_config(el->>0, el->>1, true) from json_array_elements($1::json) el", [JSON.stringify(entries)]);
+      return await fn(client);
+    } finally {
+      await client.query("rollback").catch(() => {});
+    }
+  });
+}
+
+/** Refreshes the hourly rollups until every hour before the current one is settled. */
+export async function settleRollups(pool: Pick<pg.Pool, "query">): Promise<void> {
+  await waitFor(
+    "the attribution rollups to settle",
+    async () =>
+      (await pool.query<{ done: boolean }>(
+        `select (app_private.refresh_attribution_rollups()).settled_through >= date_trunc('hour', clock_timestamp(), 'UTC') as done`,
+      )).rows[0]!.done,
+    { intervalMs: 100 },
+  );
+}
+
 /** Creates a user (as the owner) and returns its id. */
 export async function createUser(db: TestDb, email: string, role: "user" | "admin" = "user"): Promise<string> {
   const { rows } = await db.owner.query("insert into app_public.users (email, role) values ($1, $2) returning id", [email, role]);
@@ -90,4 +157,34 @@ export async function createUser(db: TestDb, email: string, role: "user" | "admi
 export async function createKey(db: TestDb, userId: string, name = "test"): Promise<{ id: string; secret: string }> {
   const { rows } = await db.owner.query("select * from app_public.create_api_key($1, $2)", [userId, name]);
   return { id: rows[0].api_key_id, secret: rows[0].secret };
+}
+
+/** A row of the ledger (app_public.chat_completion_requests); the columns tests read. */
+export interface LedgerRow {
+  /** bigint, as node-pg reads it. */
+  id: string;
+  request_id: string;
+  api_key_id: string | null;
+  user_id: string | null;
+  is_anonymous: boolean;
+  model: string | null;
+  provider: string | null;
+  input_tokens: number | null;
+  output_tokens: number | null;
+  processing_time_ms: number | null;
+  status: string;
+  error_message: string | null;
+  api_key_hash: Buffer | null;
+  attribution_status: string;
+  attribution_reason: string | null;
+  spooled_at: Date | null;
+}
+
+/** The ledger's rows of these request ids, in insertion (id) order. */
+export async function rowsFor(pool: Pick<pg.Pool, "query">, requestIds: string[]): Promise<LedgerRow[]> {
+  const { rows } = await pool.query<LedgerRow>(
+    "select * from app_public.chat_completion_requests where request_id = any($1) order by id",
+    [requestIds],
+  );
+  return rows;
 }

@@ -1,23 +1,40 @@
 // Starts the real service in-process on a test database (port chosen by the OS).
 import { mkdtempSync, rmSync } from "node:fs";
+import { rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { loadConfig } from "../../server/config.js";
 import { withDatabaseName } from "../../server/db/urls.js";
-import type { Installer } from "../../server/app.js";
-import { startServer, type RunningServer } from "../../server/main.js";
+import { startServer, type RunningServer, type StartServerOptions } from "../../server/main.js";
 import type { TestDb } from "./db.js";
 
 export const ADMIN_TOKEN = "test-admin-token-0123456789abcdef0123";
 
+const madeDirs: string[] = [];
+
+/**
+ * A fresh data folder (KEYTRACK_DATA_DIR: the spool), so several servers or
+ * recorders can run in one process; removeTempDataDirs() deletes every one made
+ * (test.after.always).
+ */
+export function tempDataDir(): string {
+  const dir = mkdtempSync(path.join(os.tmpdir(), "keytrack-data-"));
+  madeDirs.push(dir);
+  return dir;
+}
+
+export async function removeTempDataDirs(): Promise<void> {
+  for (const dir of madeDirs.splice(0)) await rm(dir, { recursive: true, force: true });
+}
+
 export async function startTestServer(
   db: TestDb,
   env: Record<string, string> = {},
-  installers: Installer[] = [],
+  options: Omit<StartServerOptions, "log"> = {},
 ): Promise<RunningServer> {
   // Each server gets a data folder (spool) of its own unless the test names one
   // (e.g. to restart on the same spool); ours is removed when the server closes.
-  const ownDataDir = env.KEYTRACK_DATA_DIR ? null : mkdtempSync(path.join(os.tmpdir(), "keytrack-server-"));
+  const ownDataDir = env.KEYTRACK_DATA_DIR ? null : tempDataDir();
   const server = await startServer(
     loadConfig({
       ...(ownDataDir ? { KEYTRACK_DATA_DIR: ownDataDir } : {}),
@@ -32,7 +49,7 @@ export async function startTestServer(
       LOG_LEVEL: "error",
       ...env,
     }),
-    { installers },
+    options,
   ).catch((err) => {
     if (ownDataDir) rmSync(ownDataDir, { recursive: true, force: true });
     throw err;

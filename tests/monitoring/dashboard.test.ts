@@ -10,7 +10,7 @@ import { projectRoot } from "../../server/db/projectRoot.js";
 import type { RunningServer } from "../../server/main.js";
 import { createTestDb, type TestDb } from "../helpers/db.js";
 import { startTestServer } from "../helpers/server.js";
-import { metricNamesIn, parseExposition, type Exposition } from "./exposition.js";
+import { metricNamesIn, parseExposition, type Exposition } from "../helpers/exposition.js";
 
 /** Added by Prometheus itself, not by the target. */
 const PROMETHEUS_SERIES = new Set(["up"]);

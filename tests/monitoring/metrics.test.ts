@@ -7,9 +7,9 @@ import test from "ava";
 
 import type { RunningServer } from "../../server/main.js";
 import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
-import { waitFor } from "../helpers/poll.js";
+import { sleep, waitFor } from "../helpers/poll.js";
 import { startTestServer } from "../helpers/server.js";
-import { parseExposition, type Exposition } from "./exposition.js";
+import { parseExposition, type Exposition } from "../helpers/exposition.js";
 
 let db: TestDb;
 let key: { id: string; secret: string };
@@ -144,7 +144,7 @@ test.serial("a new service process on the same database shows the same counts, t
     await db.owner.query("select * from app_private.resolve_pending_attributions()");
     await insert("m-key-4", { key: key.secret });
     await insert("m-anon-3");
-    await new Promise((r) => setTimeout(r, 1600)); // past the scrape cache
+    await sleep(1600); // past the scrape cache
     t.deepEqual(attribution(await scrape(server)), {
       ...EXPECTED,
       lookup_success: EXPECTED.lookup_success + 2, // the retry found the imported key; the new row's key

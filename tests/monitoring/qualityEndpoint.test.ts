@@ -6,9 +6,8 @@
 // recommendation on its condition.
 import test from "ava";
 
-import { installMonitoring } from "../../server/monitoring/installMonitoring.js";
 import type { RunningServer } from "../../server/main.js";
-import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
+import { createKey, createTestDb, createUser, settleRollups, type TestDb } from "../helpers/db.js";
 import { ADMIN_TOKEN, startTestServer } from "../helpers/server.js";
 
 let db: TestDb;
@@ -24,7 +23,7 @@ test.before(async () => {
   bob = await createUser(db, "bob@example.com");
   aliceKey = (await createKey(db, alice)).secret;
   bobKey = (await createKey(db, bob)).secret;
-  server = await startTestServer(db, {}, [installMonitoring]);
+  server = await startTestServer(db, {});
 });
 test.after.always(async () => {
   await server?.close();
@@ -37,18 +36,6 @@ async function reset(): Promise<void> {
              app_public.attribution_rollup_dirty_hours, app_private.attribution_events;
     update app_public.attribution_rollup_state
        set settled_through = '-infinity', fence_transactions = null, fence_until = null, fence_set_at = null`);
-}
-
-/** Runs the rollup refresh until every hour before the current one is settled. */
-async function settle(): Promise<void> {
-  for (let i = 0; i < 300; i++) {
-    const { rows } = await db.owner.query(
-      `select (app_private.refresh_attribution_rollups()).settled_through >= date_trunc('hour', clock_timestamp(), 'UTC') as done`,
-    );
-    if (rows[0].done) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error("the rollups did not settle within 30 s");
 }
 
 /** Inserts `count` rows `minutesAgo` minutes old (spread by (i % spread) hours when spread > 1). */
@@ -87,7 +74,7 @@ test.serial("the spec's example gives the spec's numbers, from rollups plus the 
   await rows("anon", 45, "anon-", 10, 3);
   // Outside the 24-hour window.
   await db.owner.query(`insert into app_public.chat_completion_requests (request_id, created_at) values ('old', now() - interval '3 days')`);
-  await settle();
+  await settleRollups(db.owner);
   const { rows: used } = await db.owner.query(`select count(*)::int as n from app_public.attribution_rollups_hourly where hour >= now() - interval '11 hours'`);
   t.true(used[0].n >= 9, "the past hours are rolled up");
 

@@ -8,15 +8,16 @@ import test from "ava";
 import express from "express";
 import type { Job, WorkerEventMap } from "graphile-worker";
 
-import type { AppContext } from "../../server/app.js";
+import type { AppContext } from "../../server/context.js";
 import { createLogger } from "../../server/log.js";
 import { DB_COLUMNS, DB_METRICS } from "../../server/metrics/dbMetrics.js";
 import type { MetricsPool } from "../../server/metrics/dbSource.js";
-import { installMetrics, metricsEndpoint, metricsOf } from "../../server/metrics/installMetrics.js";
+import { installMetrics, installMetricsEndpoint, metricsOf } from "../../server/metrics/installMetrics.js";
 import { createMetrics } from "../../server/metrics/registry.js";
 import { WorkerJobCounts } from "../../server/metrics/workerJobs.js";
 import type { Recorder } from "../../server/recording/types.js";
-import { parseExposition } from "./exposition.js";
+import { parseExposition } from "../helpers/exposition.js";
+import { sleep } from "../helpers/poll.js";
 
 const log = createLogger({ level: "error" });
 
@@ -68,6 +69,7 @@ function fakeCtx(pool: MetricsPool, spool = 0): AppContext {
     pools: { owner: pool, read: pool } as unknown as AppContext["pools"],
     log,
     recorder,
+    auth: undefined as unknown as AppContext["auth"],
   };
 }
 
@@ -131,11 +133,11 @@ test("a hung database: the scrape answers within the budget, and no second query
   const e = await scrape(m);
   t.is(e.value("keytrack_database_up"), 0);
   t.deepEqual(e.find("api_key_tracking_success_total"), []);
-  await new Promise((r) => setTimeout(r, 20));
+  await sleep(20);
   t.is((await scrape(m)).value("keytrack_database_up"), 0);
   t.is(pool.queries, 1, "the running query is waited on, not repeated");
   release();
-  await new Promise((r) => setTimeout(r, 20));
+  await sleep(20);
   const after = await scrape(m);
   t.is(after.value("keytrack_database_up"), 1);
   t.is(after.value("api_key_lookup_attempts_total", { status: "success" }), 1);
@@ -143,13 +145,13 @@ test("a hung database: the scrape answers within the budget, and no second query
 
 test("parallel scrapes share one query; a later one reads again", async (t) => {
   const pool = fakePool(async () => {
-    await new Promise((r) => setTimeout(r, 20));
+    await sleep(20);
     return fakeRow();
   });
   const m = createMetrics(fakeCtx(pool), { pool, defaultMetrics: false, ttlMs: 50 });
   await Promise.all(Array.from({ length: 10 }, () => m.registry.metrics()));
   t.is(pool.queries, 1);
-  await new Promise((r) => setTimeout(r, 60));
+  await sleep(60);
   await m.registry.metrics();
   t.is(pool.queries, 2);
 });
@@ -201,7 +203,7 @@ test("HTTP durations are labelled by route pattern, not by URL", async (t) => {
   installMetrics(app, ctx);
   app.get("/things/:id", (_req, res) => void res.json({ ok: true }));
   app.use("/graphql", (_req, res) => void res.status(401).json({}));
-  metricsEndpoint()(app, ctx);
+  installMetricsEndpoint(app, ctx);
   app.use((_req, res) => void res.status(404).end());
   const server = http.createServer(app).listen(0, "127.0.0.1");
   await new Promise((r) => server.once("listening", r));

@@ -11,8 +11,9 @@ import pg from "pg";
 import type { JobHelpers } from "graphile-worker";
 
 import { REFRESH_ROLLUPS, refreshRollups } from "../../server/worker/tasks/rollups.js";
-import { VIEW_QUERY } from "../fixtures/specSql.js";
-import { createKey, createTestDb, createUser, withClient, type TestDb } from "../helpers/db.js";
+import { VIEW_QUERY } from "../helpers/specSql.js";
+import { asRole, createKey, createTestDb, createUser, makePool, settleRollups, withClient, type TestDb } from "../helpers/db.js";
+import { sleep } from "../helpers/poll.js";
 
 let db: TestDb;
 /** Owner connections for the concurrent actors (the helper's pool has 5). */
@@ -20,8 +21,7 @@ let pool: pg.Pool;
 
 test.before(async () => {
   db = await createTestDb();
-  pool = new pg.Pool({ connectionString: db.ownerUrl, max: 12 });
-  pool.on("error", () => {});
+  pool = makePool(db.ownerUrl, { max: 12 });
 });
 test.after.always(async () => {
   await pool?.end();
@@ -56,21 +56,8 @@ function prng(seed: number) {
   return { next, int: (n: number) => Math.floor(next() * n), pick: <T>(xs: readonly T[]) => xs[Math.floor(next() * xs.length)]! };
 }
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
 async function refresh(): Promise<{ settled_through: Date | null; recomputed_hours: number | null }> {
   return (await db.owner.query("select * from app_private.refresh_attribution_rollups()")).rows[0];
-}
-
-async function settle(): Promise<void> {
-  for (let i = 0; i < 300; i++) {
-    const { rows } = await db.owner.query(
-      `select (app_private.refresh_attribution_rollups()).settled_through >= date_trunc('hour', clock_timestamp(), 'UTC') as done`,
-    );
-    if (rows[0].done) return;
-    await sleep(100);
-  }
-  throw new Error("the rollups did not settle within 30 s");
 }
 
 /** Sorted JSON lines, so multisets of rows compare as arrays. */
@@ -220,7 +207,7 @@ test.serial("rollup-backed reads equal raw scans under concurrent inserts, late 
   const history: Row[] = [];
   for (let i = 0; i < 3000; i++) history.push(randomRow(rnd, w, laterHashes, `h-${n++}`, true));
   await insertRows(pool, history);
-  await settle();
+  await settleRollups(db.owner);
   const marksBefore = Number((await db.owner.query("select coalesce(max(id), 0) as m from app_public.attribution_rollup_dirty_hours")).rows[0].m);
 
   const deadline = Date.now() + 8000;
@@ -331,36 +318,35 @@ test.serial("rollup-backed reads equal raw scans under concurrent inserts, late 
   t.true(state.changed > 0, "retry and backfill changed rows");
 
   // Once settled again, the same reads still equal the raw rows, as the analyst too.
-  await settle();
+  await settleRollups(db.owner);
   t.deepEqual(await compareNow(["UTC", "Australia/Adelaide"]), []);
   t.log(`${comparisons} comparisons while writing; ${state.rollup_rows} rollup rows`);
 });
 
 test.serial("the analyst and a user read the view through their own row-level security", async (t) => {
-  await settle();
+  await settleRollups(db.owner);
   await withClient(db.analystUrl, async (c) => {
     t.deepEqual(await compareAll(c, ["UTC"]), []);
   });
   const user = (await db.owner.query("select id from app_public.users where email = 'one-key@example.com'")).rows[0].id;
-  const client = await db.root.connect();
-  try {
-    await client.query("begin isolation level repeatable read");
-    await client.query("set local role keytrack_user");
-    await client.query("select set_config('keytrack.user_id', $1, true)", [user]);
-    const view = (await client.query("select * from app_public.api_key_tracking_quality")).rows;
-    const spec = (await client.query(VIEW_QUERY.replace("FROM chat_completion_requests", "FROM app_public.chat_completion_requests"))).rows;
-    const all = (await client.query("select count(*)::int as n from app_public.chat_completion_requests")).rows[0].n;
-    const rollups = (await client.query("select count(*)::int as n from app_public.attribution_rollups_hourly")).rows[0].n;
-    await client.query("commit");
-    t.deepEqual(view, spec);
-    t.true(view.length > 0);
-    t.true(all > 0, "the user has rows of their own");
-    t.is(rollups, 0, "rollups are for admins and analysts only");
-    const everyone = (await db.owner.query("select count(*)::int as n from app_public.chat_completion_requests")).rows[0].n;
-    t.true(all < everyone, "only the user's own rows");
-  } finally {
-    client.release();
-  }
+  const { view, spec, all, rollups } = await asRole(
+    db,
+    "keytrack_user",
+    { userId: user },
+    async (client) => ({
+      view: (await client.query("select * from app_public.api_key_tracking_quality")).rows,
+      spec: (await client.query(VIEW_QUERY.replace("FROM chat_completion_requests", "FROM app_public.chat_completion_requests"))).rows,
+      all: (await client.query("select count(*)::int as n from app_public.chat_completion_requests")).rows[0].n,
+      rollups: (await client.query("select count(*)::int as n from app_public.attribution_rollups_hourly")).rows[0].n,
+    }),
+    { isolation: "repeatable read" },
+  );
+  t.deepEqual(view, spec);
+  t.true(view.length > 0);
+  t.true(all > 0, "the user has rows of their own");
+  t.is(rollups, 0, "rollups are for admins and analysts only");
+  const everyone = (await db.owner.query("select count(*)::int as n from app_public.chat_completion_requests")).rows[0].n;
+  t.true(all < everyone, "only the user's own rows");
 });
 
 test.serial("an hour settles only after every transaction that was writing the ledger has ended", async (t) => {
@@ -388,7 +374,7 @@ test.serial("an hour settles only after every transaction that was writing the l
 });
 
 test.serial("a late row into a settled hour is read raw at once, then rolled up by the next refresh", async (t) => {
-  await settle();
+  await settleRollups(db.owner);
   const q = async () =>
     (await db.owner.query(`
       select coalesce(sum(requests), 0)::int as n from app_public.attribution_counts_by_hour(
@@ -412,13 +398,13 @@ test.serial("a late row into a settled hour is read raw at once, then rolled up 
 });
 
 test.serial("freezing keeps the rollups of hours whose raw rows are gone (retention)", async (t) => {
-  await settle();
+  await settleRollups(db.owner);
   const hour = (await db.owner.query(`select date_trunc('hour', now(), 'UTC') - interval '6 hours' as h`)).rows[0].h as Date;
   await db.owner.query(`insert into app_public.chat_completion_requests (request_id, created_at) values ('to-drop', $1::timestamptz + interval '1 minute')`, [hour]);
   const after = new Date(hour.getTime() + 3600_000);
   const dirty = await db.owner.query("select app_private.freeze_attribution_rollups($1)", [after]).then(() => null, (e) => e);
   t.is(dirty?.code, "55000", "refuses while the hour is dirty");
-  await settle();
+  await settleRollups(db.owner);
   const count = async () =>
     (await db.owner.query(`select coalesce(sum(requests), 0)::int as n from app_public.attribution_counts_by_hour($1, $1::timestamptz + interval '1 hour')`, [hour])).rows[0].n;
   const before = await count();

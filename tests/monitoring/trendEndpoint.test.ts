@@ -4,9 +4,8 @@
 // days served by settled rollups; zero traffic.
 import test from "ava";
 
-import { installMonitoring } from "../../server/monitoring/installMonitoring.js";
 import type { RunningServer } from "../../server/main.js";
-import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
+import { createKey, createTestDb, createUser, settleRollups, type TestDb } from "../helpers/db.js";
 import { ADMIN_TOKEN, startTestServer } from "../helpers/server.js";
 
 let db: TestDb;
@@ -19,7 +18,7 @@ test.before(async () => {
   db = await createTestDb();
   userId = await createUser(db, "trend@example.com");
   secret = (await createKey(db, userId)).secret;
-  server = await startTestServer(db, {}, [installMonitoring]);
+  server = await startTestServer(db, {});
   today = (await db.owner.query(`select (now() at time zone 'UTC')::date::text as d`)).rows[0].d;
 });
 test.after.always(async () => {
@@ -86,13 +85,7 @@ test.serial("seeded days: exact entries and a weighted summary, past days from r
   await day(6, "key", 4);
   await day(7, "anon", 100); // outside 7 days
   await day(20, "anon", 50); // inside 30 days
-  for (let i = 0; i < 300; i++) {
-    const { rows } = await db.owner.query(
-      `select (app_private.refresh_attribution_rollups()).settled_through >= date_trunc('hour', clock_timestamp(), 'UTC') as done`,
-    );
-    if (rows[0].done) break;
-    await new Promise((r) => setTimeout(r, 100));
-  }
+  await settleRollups(db.owner);
   const { rows: rolled } = await db.owner.query(`select coalesce(sum(requests), 0)::int as n from app_public.attribution_rollups_hourly`);
   t.true(rolled[0].n >= 184, "the past days are rolled up");
 

@@ -10,11 +10,10 @@ import { appendFile, readFile, stat } from "node:fs/promises";
 import { createRecorder, INSERT_REQUEST_SQL, insertValues } from "../../server/recording/recorder.js";
 import { spoolPaths } from "../../server/recording/spool.js";
 import { PermanentRecordError, type Recorder } from "../../server/recording/types.js";
-import { createTestDb, type TestDb } from "../helpers/db.js";
-import { waitFor } from "../helpers/poll.js";
-import {
-  apiKeyHash, appName, blockedBackend, captureLog, holdRequestId, makePool, makeRow, PgProxy, removeTempDataDirs, rowsFor, tempDataDir,
-} from "./helpers.js";
+import { createTestDb, makePool, rowsFor, type TestDb } from "../helpers/db.js";
+import { sleep, waitFor } from "../helpers/poll.js";
+import { apiKeyHash, appName, blockedBackend, captureLog, holdRequestId, makeRow, PgProxy } from "../helpers/recording.js";
+import { removeTempDataDirs, tempDataDir } from "../helpers/server.js";
 
 let db: TestDb;
 const cleanups: Array<() => Promise<unknown>> = [];
@@ -43,7 +42,7 @@ test("a connection killed (pg_terminate_backend) during a write is retried: exac
   const app = appName("kt_rec_kill");
   const pool = track(makePool(db.ownerUrl, { application_name: app }));
   const capture = captureLog();
-  const recorder = track(createRecorder({ pool, dataDir: await tempDataDir(), log: capture.log }));
+  const recorder = track(createRecorder({ pool, dataDir: tempDataDir(), log: capture.log }));
   const row = makeRow();
 
   const hold = await holdRequestId(db.rootUrl, row.requestId);
@@ -66,7 +65,7 @@ test("a statement timeout (57014) during a write is retried: exactly one row", a
   const app = appName("kt_rec_timeout");
   const pool = track(makePool(db.ownerUrl, { application_name: app, statement_timeout: 300 }));
   const capture = captureLog();
-  const recorder = track(createRecorder({ pool, dataDir: await tempDataDir(), log: capture.log, baseDelayMs: 100 }));
+  const recorder = track(createRecorder({ pool, dataDir: tempDataDir(), log: capture.log, baseDelayMs: 100 }));
   const row = makeRow();
 
   const hold = await holdRequestId(db.rootUrl, row.requestId);
@@ -85,7 +84,7 @@ test("a connection cut after the insert was sent: the retry finds the row the cu
   const proxy = track(await PgProxy.start(db.ownerUrl));
   const app = appName("kt_rec_cut");
   const pool = track(makePool(proxy.url, { application_name: app }));
-  const recorder = track(createRecorder({ pool, dataDir: await tempDataDir(), log: captureLog().log, baseDelayMs: 300 }));
+  const recorder = track(createRecorder({ pool, dataDir: tempDataDir(), log: captureLog().log, baseDelayMs: 300 }));
   const row = makeRow();
 
   const hold = await holdRequestId(db.rootUrl, row.requestId);
@@ -102,7 +101,7 @@ test("a connection cut after the insert was sent: the retry finds the row the cu
 });
 
 test("a re-recorded request id is a duplicate, not a second row", async (t) => {
-  const recorder = track(createRecorder({ pool: db.owner, dataDir: await tempDataDir(), log: captureLog().log }));
+  const recorder = track(createRecorder({ pool: db.owner, dataDir: tempDataDir(), log: captureLog().log }));
   const row = makeRow();
   t.deepEqual(await recorder.record(row), { outcome: "recorded", attempts: 1 });
   t.deepEqual(await recorder.record(row), { outcome: "duplicate", attempts: 1 });
@@ -114,7 +113,7 @@ test("database down: rows are spooled within the retry budget, the caller goes o
   await proxy.down();
   const pool = track(makePool(proxy.url));
   const capture = captureLog();
-  const dataDir = await tempDataDir();
+  const dataDir = tempDataDir();
   const recorder: Recorder = track(createRecorder({ pool, dataDir, log: capture.log, replayIntervalMs: 100 }));
   const keys = [0, 1, 2, 3, 4].map((i) => `kt_live_${i}_secret_key_${"x".repeat(40)}`);
   const rows = keys.map((key) => makeRow({ apiKeyHash: apiKeyHash(key) }));
@@ -135,7 +134,7 @@ test("database down: rows are spooled within the retry budget, the caller goes o
   t.is(spooled[0].row.apiKeyHash, rows[0]!.apiKeyHash!.toString("hex"));
 
   // Replays on the timer fail while the database stays down; nothing is lost or written.
-  await new Promise((r) => setTimeout(r, 350));
+  await sleep(350);
   t.is(recorder.spoolDepth(), 5);
   t.is((await rowsFor(db.owner, rows.map((r) => r.requestId))).length, 0);
 
@@ -168,7 +167,7 @@ test("a successful write replays the spool at once (no waiting for the timer)", 
   const proxy = track(await PgProxy.start(db.ownerUrl));
   await proxy.down();
   const pool = track(makePool(proxy.url));
-  const recorder = track(createRecorder({ pool, dataDir: await tempDataDir(), log: captureLog().log, baseDelayMs: 10, replayIntervalMs: 600_000 }));
+  const recorder = track(createRecorder({ pool, dataDir: tempDataDir(), log: captureLog().log, baseDelayMs: 10, replayIntervalMs: 600_000 }));
   const spooled = [makeRow(), makeRow(), makeRow()];
   for (const row of spooled) t.is((await recorder.record(row)).outcome, "spooled");
 
@@ -186,7 +185,7 @@ test("a successful write replays the spool at once (no waiting for the timer)", 
 test("across a restart: a new Recorder on the same data dir replays the old spool exactly once (torn last line skipped)", async (t) => {
   const proxy = track(await PgProxy.start(db.ownerUrl));
   await proxy.down();
-  const dataDir = await tempDataDir();
+  const dataDir = tempDataDir();
   const paths = spoolPaths(dataDir);
   const poolA = track(makePool(proxy.url));
   const a = createRecorder({ pool: poolA, dataDir, log: captureLog().log, baseDelayMs: 10 });
@@ -224,7 +223,7 @@ test("an outage in the middle of a replay: it stops at the failed row, rows spoo
   await proxy.down();
   const app = appName("kt_rec_midreplay");
   const pool = track(makePool(proxy.url, { application_name: app }));
-  const recorder = track(createRecorder({ pool, dataDir: await tempDataDir(), log: captureLog().log, baseDelayMs: 10, replayIntervalMs: 600_000 }));
+  const recorder = track(createRecorder({ pool, dataDir: tempDataDir(), log: captureLog().log, baseDelayMs: 10, replayIntervalMs: 600_000 }));
   const first = Array.from({ length: 6 }, () => makeRow());
   for (const row of first) t.is((await recorder.record(row)).outcome, "spooled");
 
@@ -258,7 +257,7 @@ test("a permanent error is not retried: PermanentRecordError with the SQLSTATE, 
     get: (target, prop, receiver) =>
       prop === "query" ? (...args: unknown[]) => (tries++, (target.query as (...a: unknown[]) => unknown)(...args)) : Reflect.get(target, prop, receiver),
   });
-  const recorder = track(createRecorder({ pool: () => counting, dataDir: await tempDataDir(), log: capture.log, baseDelayMs: 1000 }));
+  const recorder = track(createRecorder({ pool: () => counting, dataDir: tempDataDir(), log: capture.log, baseDelayMs: 1000 }));
   const row = makeRow({ inputTokens: -1 });
   const err = await t.throwsAsync(recorder.record(row), { instanceOf: PermanentRecordError });
   t.is(tries, 1, "one try: a permanent error is not retried");
@@ -273,7 +272,7 @@ test("a permanent error is not retried: PermanentRecordError with the SQLSTATE, 
 test("a row the database refuses on replay goes to rejected.jsonl with its error, and the replay goes on", async (t) => {
   const proxy = track(await PgProxy.start(db.ownerUrl));
   await proxy.down();
-  const dataDir = await tempDataDir();
+  const dataDir = tempDataDir();
   const pool = track(makePool(proxy.url));
   const recorder = track(createRecorder({ pool, dataDir, log: captureLog().log, baseDelayMs: 10, replayIntervalMs: 600_000 }));
   const good1 = makeRow();
@@ -295,7 +294,7 @@ test("a row the database refuses on replay goes to rejected.jsonl with its error
 test("record() after close() is refused; rows in flight at close still land", async (t) => {
   const proxy = track(await PgProxy.start(db.ownerUrl));
   await proxy.down();
-  const dataDir = await tempDataDir();
+  const dataDir = tempDataDir();
   const pool = track(makePool(proxy.url));
   const recorder = createRecorder({ pool, dataDir, log: captureLog().log, baseDelayMs: 50 });
   const inFlight = recorder.record(makeRow());

@@ -7,7 +7,9 @@ import { appendFile, readFile, stat, writeFile } from "node:fs/promises";
 
 import { createRecorder } from "../../server/recording/recorder.js";
 import { decodeEntry, encodeEntry, Spool, SpoolLockedError, spoolPaths, type ReplayVerdict, type SpoolEntry } from "../../server/recording/spool.js";
-import { apiKeyHash, captureLog, makePool, makeRow, removeTempDataDirs, tempDataDir } from "./helpers.js";
+import { makePool } from "../helpers/db.js";
+import { apiKeyHash, captureLog, makeRow } from "../helpers/recording.js";
+import { removeTempDataDirs, tempDataDir } from "../helpers/server.js";
 
 test.after.always(removeTempDataDirs);
 
@@ -34,7 +36,7 @@ test("an entry survives encoding: Buffer as hex, dates as ISO text", (t) => {
 });
 
 test("concurrent appends become lines in call order, each durable when its promise resolves", async (t) => {
-  const dir = await tempDataDir();
+  const dir = tempDataDir();
   const spool = Spool.open(dir, captureLog().log);
   await Promise.all(Array.from({ length: 50 }, (_, i) => spool.append(entry(i))));
   t.is(spool.depth, 50);
@@ -44,7 +46,7 @@ test("concurrent appends become lines in call order, each durable when its promi
 });
 
 test("a replay applies each line once, in order; a stop keeps the line first in line, across a reopen; a drained spool is emptied", async (t) => {
-  const dir = await tempDataDir();
+  const dir = tempDataDir();
   const paths = spoolPaths(dir);
   let spool = Spool.open(dir, captureLog().log);
   for (let i = 0; i < 5; i++) await spool.append(entry(i));
@@ -77,7 +79,7 @@ test("a replay applies each line once, in order; a stop keeps the line first in 
 });
 
 test("appends made while a replay runs are neither lost nor reordered", async (t) => {
-  const dir = await tempDataDir();
+  const dir = tempDataDir();
   const spool = Spool.open(dir, captureLog().log);
   for (let i = 0; i < 20; i++) await spool.append(entry(i));
   const applied: string[] = [];
@@ -103,7 +105,7 @@ test("appends made while a replay runs are neither lost nor reordered", async (t
 });
 
 test("a torn last line is cut off with a warning and kept in rejected.jsonl; the next append is intact", async (t) => {
-  const dir = await tempDataDir();
+  const dir = tempDataDir();
   const paths = spoolPaths(dir);
   let spool = Spool.open(dir, captureLog().log);
   await spool.append(entry(1));
@@ -125,7 +127,7 @@ test("a torn last line is cut off with a warning and kept in rejected.jsonl; the
 });
 
 test("a corrupt line and a row refused for good go to rejected.jsonl with the reason; the others are applied", async (t) => {
-  const dir = await tempDataDir();
+  const dir = tempDataDir();
   const paths = spoolPaths(dir);
   let spool = Spool.open(dir, captureLog().log);
   await spool.append(entry(1));
@@ -153,7 +155,7 @@ test("a corrupt line and a row refused for good go to rejected.jsonl with the re
 });
 
 test("an offset file that does not fit the spool replays everything rather than skipping", async (t) => {
-  const dir = await tempDataDir();
+  const dir = tempDataDir();
   const paths = spoolPaths(dir);
   let spool = Spool.open(dir, captureLog().log);
   await spool.append(entry(1));
@@ -168,7 +170,7 @@ test("an offset file that does not fit the spool replays everything rather than 
 });
 
 test("one process owns a spool: a live holder is refused clearly, a dead one's lock is taken over, a second open in-process is refused", async (t) => {
-  const dir = await tempDataDir();
+  const dir = tempDataDir();
   const paths = spoolPaths(dir);
   await Spool.open(dir, captureLog().log).close(); // creates the folder
 

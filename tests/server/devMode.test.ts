@@ -5,9 +5,8 @@
 // key is created and dev_local_ keys are refused.
 import test from "ava";
 import { createHash } from "node:crypto";
-import { installChat } from "../../server/chat/installChat.js";
 import type { RunningServer } from "../../server/main.js";
-import { rowOf } from "../chat/helpers.js";
+import { rowOf } from "../helpers/chat.js";
 import { createTestDb, type TestDb } from "../helpers/db.js";
 import { startTestServer } from "../helpers/server.js";
 
@@ -30,7 +29,7 @@ async function start(env: Record<string, string>): Promise<{ server: RunningServ
     return (write as (...a: unknown[]) => boolean)(chunk, ...rest);
   }) as typeof process.stdout.write;
   try {
-    const server = await startTestServer(db, env, [installChat]);
+    const server = await startTestServer(db, env);
     return { server, printed };
   } finally {
     process.stdout.write = write;

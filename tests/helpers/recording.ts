@@ -1,18 +1,15 @@
 // Test helpers for the recording path: a TCP proxy in front of PostgreSQL that
 // a test can stop (the database is "down": connections refused), start again
 // on the same port, or use to cut live connections; a logger that keeps its
-// lines; request rows; polling.
+// lines; request rows; backends blocked on a lock.
 import { createHash, randomBytes, randomUUID } from "node:crypto";
-import { mkdtemp, rm } from "node:fs/promises";
 import net from "node:net";
-import os from "node:os";
-import path from "node:path";
 import pg from "pg";
 
 import { createLogger, type LogLevel, type Logger } from "../../server/log.js";
 import type { RequestRecord } from "../../server/recording/types.js";
 import { serverAddressOf, withTcpServer, type ServerAddress } from "../../server/db/urls.js";
-import { waitFor } from "../helpers/poll.js";
+import { waitFor } from "./poll.js";
 
 export class PgProxy {
   private server: net.Server | null = null;
@@ -105,30 +102,9 @@ export function makeRow(overrides: Partial<RequestRecord> = {}): RequestRecord {
   };
 }
 
-const madeDirs: string[] = [];
-
-/** A fresh data folder; removeTempDataDirs() deletes every one made (test.after.always). */
-export async function tempDataDir(): Promise<string> {
-  const dir = await mkdtemp(path.join(os.tmpdir(), "keytrack-recording-"));
-  madeDirs.push(dir);
-  return dir;
-}
-
-export async function removeTempDataDirs(): Promise<void> {
-  for (const dir of madeDirs.splice(0)) await rm(dir, { recursive: true, force: true });
-}
-
 export function appName(prefix: string): string {
   return `${prefix}_${randomBytes(4).toString("hex")}`;
 }
-
-/** A pool the test owns; idle-client errors (cut connections) are expected. */
-export function makePool(connectionString: string, config: pg.PoolConfig = {}): pg.Pool {
-  const pool = new pg.Pool({ connectionString, max: 3, ...config });
-  pool.on("error", () => {});
-  return pool;
-}
-
 
 /** pid of the backend of `application` waiting on a lock (its insert is blocked). */
 export async function blockedBackend(root: pg.Pool, application: string): Promise<number> {
@@ -158,19 +134,4 @@ export async function holdRequestId(rootUrl: string, requestId: string): Promise
       await client.end();
     },
   };
-}
-
-export interface StoredRow {
-  id: string;
-  request_id: string;
-  spooled_at: Date | null;
-}
-
-/** Rows of the ledger for these request ids, in insertion (id) order. */
-export async function rowsFor(pool: pg.Pool, requestIds: string[]): Promise<StoredRow[]> {
-  const { rows } = await pool.query<StoredRow>(
-    "select c.id::text as id, c.request_id, c.spooled_at from app_public.chat_completion_requests c where c.request_id = any($1) order by c.id",
-    [requestIds],
-  );
-  return rows;
 }

@@ -6,7 +6,6 @@
 // only) and in psql (keytrack_analyst).
 import test from "ava";
 
-import { installMonitoring } from "../../server/monitoring/installMonitoring.js";
 import type { RunningServer } from "../../server/main.js";
 import { createKey, createTestDb, createUser, withClient, type TestDb } from "../helpers/db.js";
 import { ADMIN_TOKEN, graphql, startTestServer } from "../helpers/server.js";
@@ -33,7 +32,7 @@ test.before(async () => {
     `insert into app_public.chat_completion_requests (request_id, api_key_hash) values ('r1', app_public.api_key_hash($1))`,
     [userKey],
   );
-  server = await startTestServer(db, {}, [installMonitoring]);
+  server = await startTestServer(db, {});
 });
 test.after.always(async () => {
   await server?.close();
@@ -132,7 +131,7 @@ test("days: 1..30, integers only, 422 naming the parameter and its bounds", asyn
 
 test("a database failure is a 503 with a JSON error, never a 200 with zeros", async (t) => {
   // The reports read through READ_DATABASE_URL: point it at a port nobody listens on.
-  const broken = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere" }, [installMonitoring]);
+  const broken = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere" });
   try {
     for (const path of [QUALITY, TREND]) {
       const r = await get(path, `Bearer ${ADMIN_TOKEN}`, broken.url);
@@ -141,6 +140,7 @@ test("a database failure is a 503 with a JSON error, never a 200 with zeros", as
         error: {
           message: "the monitoring data could not be read from the database, try again",
           type: "server_error",
+          param: null,
           code: "database_unavailable",
         },
       });

@@ -13,6 +13,8 @@
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 
+import { sleep } from "./poll.js";
+
 export interface FakeCall {
   path: string;
   headers: http.IncomingHttpHeaders;
@@ -30,8 +32,6 @@ export interface FakeUpstream {
 
 export const FAKE_USAGE = { input: 11, output: 7 };
 export const FAKE_TEXT = ["Hello", " from", " the", " fake", " upstream", "."];
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function chatJson(model: string) {
   return {
