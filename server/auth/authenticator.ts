@@ -79,13 +79,13 @@ export function createAuthenticator({ appEnv, adminApiKey, keys, log, onStale }:
       try {
         answer = await keys.lookup(apiKeyHash);
       } catch (err) {
-        log.warn("api key lookup failed", { key: tokenForLog(token), error: err });
+        log.warn("api key lookup failed", { presented: tokenForLog(token), error: err });
         return { ok: false, status: 503, reason: "lookup_failed" };
       }
       const { record, stale } = answer;
       if (!record.usable || !record.apiKeyId || !record.userId) {
         const reason = KNOWN_REASONS.has(record.reason as RefusalReason) ? (record.reason as RefusalReason) : "not_found";
-        log.debug("api key refused", { key: tokenForLog(token), apiKeyId: record.apiKeyId, reason });
+        log.debug("api key refused", { presented: tokenForLog(token), apiKeyId: record.apiKeyId, reason });
         return { ok: false, status: 401, reason };
       }
       if (stale) onStale?.();
