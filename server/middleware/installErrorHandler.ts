@@ -1,12 +1,13 @@
 /**
  * The last steps: a JSON 404 for unknown routes, and one JSON shape for every
- * error (OpenAI-style `{ error: { message, type, code } }`). Body-parser errors
+ * error (server/http/errors.ts). Body-parser errors
  * keep their 4xx status; anything unexpected is a 500 without internals in
  * production.
  */
 import type express from "express";
 
 import type { AppContext } from "../context.js";
+import { ApiError, sendError } from "../http/errors.js";
 
 interface HttpishError {
   status?: number;
@@ -17,48 +18,39 @@ interface HttpishError {
   stack?: string;
 }
 
-function clientError(err: HttpishError): { status: number; message: string; code: string } | null {
+function clientError(err: HttpishError): ApiError | null {
   const status = err.status ?? err.statusCode;
   if (typeof status !== "number" || status < 400 || status >= 500) return null;
+  const invalid = (status: number, message: string, code: string) => new ApiError(status, message, "invalid_request_error", code);
   switch (err.type) {
     case "entity.too.large":
-      return { status: 413, message: "request body too large", code: "body_too_large" };
+      return invalid(413, "request body too large", "body_too_large");
     case "entity.parse.failed":
-      return { status: 400, message: "request body is not valid JSON", code: "invalid_json" };
+      return invalid(400, "request body is not valid JSON", "invalid_json");
     case "encoding.unsupported":
     case "charset.unsupported":
-      return { status: 415, message: err.message ?? "unsupported encoding", code: "unsupported_encoding" };
+      return invalid(415, err.message ?? "unsupported encoding", "unsupported_encoding");
     case "request.aborted":
-      return { status: 400, message: "request aborted", code: "request_aborted" };
+      return invalid(400, "request aborted", "request_aborted");
     default:
-      return { status, message: err.expose && err.message ? err.message : "bad request", code: "bad_request" };
+      return invalid(status, err.expose && err.message ? err.message : "bad request", "bad_request");
   }
 }
 
+const NOT_FOUND = new ApiError(404, "not found", "invalid_request_error", "not_found");
+
 export function installErrorHandler(app: express.Express, ctx: AppContext): void {
-  app.use((_req, res) => {
-    res.status(404).json({ error: { message: "not found", type: "invalid_request_error", code: "not_found" } });
-  });
+  app.use((_req, res) => sendError(res, NOT_FOUND));
 
   const errorHandler: express.ErrorRequestHandler = (err: unknown, req, res, next) => {
     if (res.headersSent) return next(err);
     const e = (err ?? {}) as HttpishError;
     const client = clientError(e);
-    if (client) {
-      res
-        .status(client.status)
-        .json({ error: { message: client.message, type: "invalid_request_error", code: client.code } });
-      return;
-    }
+    if (client) return sendError(res, client);
     ctx.log.error("unhandled error", { method: req.method, path: req.path, error: err });
-    const body: { error: Record<string, unknown> } = {
-      error: { message: "internal server error", type: "server_error", code: "internal_error" },
-    };
-    if (ctx.config.appEnv !== "production") {
-      body.error.detail = e.message;
-      body.error.stack = e.stack?.split("\n").map((l) => l.trim());
-    }
-    res.status(500).json(body);
+    // Internals (message, stack) only outside production, for the developer at hand.
+    const detail = ctx.config.appEnv === "production" ? {} : { detail: e.message, stack: e.stack?.split("\n").map((l) => l.trim()) };
+    sendError(res, new ApiError(500, "internal server error", "server_error", "internal_error", null, detail));
   };
   app.use(errorHandler);
 }
