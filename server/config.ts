@@ -74,6 +74,23 @@ export interface Config {
   /** As given (e.g. "1mb"), for body parsers. */
   readonly bodyLimit: string;
   readonly bodyLimitBytes: number;
+  /** Largest upstream response body read (non-streaming), and largest single SSE event; past either: 502, row failed. */
+  readonly upstreamMaxBodyBytes: number;
+  readonly upstreamMaxEventBytes: number;
+  /** Whether the built-in echo model answers (without an upstream); a development aid, off in production unless set. */
+  readonly echoModel: boolean;
+  /** GraphiQL at /graphiql and introspection for non-admins; default on in development only. */
+  readonly graphiql: boolean;
+  /** GraphQL connections: rows when no first/last is given, and the most one page may ask for. */
+  readonly graphqlDefaultPageSize: number;
+  readonly graphqlMaxPageSize: number;
+  /** GraphQL requests: the largest estimated cost (rows that may be fetched, fields and aliases counted) and depth. */
+  readonly graphqlMaxCost: number;
+  readonly graphqlMaxDepth: number;
+  /** statement_timeout of every GraphQL request's transaction, in ms. */
+  readonly graphqlStatementTimeoutMs: number;
+  /** Keys a user may have alive (not revoked, not expired) when creating one themselves. */
+  readonly maxLiveKeysPerUser: number;
 }
 
 /** A Config whose database URLs are known (external server, or embedded one started). */
@@ -151,6 +168,13 @@ function httpUrl(env: Env, name: string): string | null {
   return value.replace(/\/+$/, "");
 }
 
+function size(env: Env, name: string, fallback: string): number {
+  const value = str(env, name) ?? fallback;
+  const bytes = parseByteSize(value);
+  if (bytes === null) throw new ConfigError(`${name} must be a size such as 100kb or 1mb, got "${value}"`);
+  return bytes;
+}
+
 const SIZE_UNITS: Record<string, number> = { b: 1, kb: 1024, mb: 1024 ** 2, gb: 1024 ** 3 };
 
 /** "1mb" -> 1048576, the units body-parser (bytes) understands. */
@@ -191,9 +215,11 @@ export function isConnected(config: Config): config is ConnectedConfig {
 }
 
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  const appEnv = oneOf(env, "APP_ENV", APP_ENVS, "development");
-
   const databaseUrl = pgUrl(env, "DATABASE_URL");
+  // Development (anonymous requests, a dev key, internals in 500 bodies) is the default only
+  // on the embedded database: a deployment pointed at its own database never runs in it by accident.
+  const appEnv = oneOf(env, "APP_ENV", APP_ENVS, databaseUrl ? "production" : "development");
+
   const overrides: Partial<DatabaseUrls> = {};
   const auth = pgUrl(env, "AUTH_DATABASE_URL");
   const root = pgUrl(env, "ROOT_DATABASE_URL");
@@ -206,7 +232,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
 
   const adminApiKey = str(env, "ADMIN_API_KEY");
   if (adminApiKey !== null) {
-    const min = appEnv === "production" ? 32 : 8;
+    const min = appEnv === "development" ? 8 : 32;
     if (adminApiKey.length < min) {
       throw new ConfigError(
         `ADMIN_API_KEY must be at least ${min} characters when APP_ENV=${appEnv}, got ${adminApiKey.length}`,
@@ -250,5 +276,15 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     logLevel: oneOf(env, "LOG_LEVEL", LOG_LEVELS, "info"),
     bodyLimit,
     bodyLimitBytes,
+    upstreamMaxBodyBytes: size(env, "UPSTREAM_MAX_BODY", "16mb"),
+    upstreamMaxEventBytes: size(env, "UPSTREAM_MAX_EVENT", "1mb"),
+    echoModel: bool(env, "ECHO_MODEL", appEnv !== "production"),
+    graphiql: bool(env, "GRAPHIQL", appEnv === "development"),
+    graphqlDefaultPageSize: int(env, "GRAPHQL_DEFAULT_PAGE_SIZE", 1, 10_000, 100)!,
+    graphqlMaxPageSize: int(env, "GRAPHQL_MAX_PAGE_SIZE", 1, 100_000, 1000)!,
+    graphqlMaxCost: int(env, "GRAPHQL_MAX_COST", 1, 100_000_000, 50_000)!,
+    graphqlMaxDepth: int(env, "GRAPHQL_MAX_DEPTH", 1, 100, 10)!,
+    graphqlStatementTimeoutMs: int(env, "GRAPHQL_STATEMENT_TIMEOUT_MS", 100, 3_600_000, 10_000)!,
+    maxLiveKeysPerUser: int(env, "MAX_LIVE_KEYS_PER_USER", 1, 100_000, 20)!,
   };
 }

@@ -46,6 +46,8 @@ export type Authentication =
 export interface Authenticator {
   authenticate(header: string | undefined): Promise<Authentication>;
   readonly keys: KeyLookup;
+  /** Requests let in on a key's last known good answer while the database could not be asked (since start). */
+  staleServed(): number;
 }
 
 export interface AuthenticatorOptions {
@@ -53,15 +55,15 @@ export interface AuthenticatorOptions {
   adminApiKey: string | null;
   keys: KeyLookup;
   log: Logger;
-  /** Counts requests let in on a stale answer (a metric). */
-  onStale?: () => void;
 }
 
 const KNOWN_REASONS = new Set<RefusalReason>(["not_found", "revoked", "expired"]);
 
-export function createAuthenticator({ appEnv, adminApiKey, keys, log, onStale }: AuthenticatorOptions): Authenticator {
+export function createAuthenticator({ appEnv, adminApiKey, keys, log }: AuthenticatorOptions): Authenticator {
+  let stale = 0;
   return {
     keys,
+    staleServed: () => stale,
     async authenticate(header) {
       const bearer = parseBearer(header);
       if (bearer.kind === "none") return { ok: true, principal: null };
@@ -82,16 +84,16 @@ export function createAuthenticator({ appEnv, adminApiKey, keys, log, onStale }:
         log.warn("api key lookup failed", { presented: tokenForLog(token), error: err });
         return { ok: false, status: 503, reason: "lookup_failed" };
       }
-      const { record, stale } = answer;
+      const { record } = answer;
       if (!record.usable || !record.apiKeyId || !record.userId) {
         const reason = KNOWN_REASONS.has(record.reason as RefusalReason) ? (record.reason as RefusalReason) : "not_found";
         log.debug("api key refused", { presented: tokenForLog(token), apiKeyId: record.apiKeyId, reason });
         return { ok: false, status: 401, reason };
       }
-      if (stale) onStale?.();
+      if (answer.stale) stale++;
       return {
         ok: true,
-        principal: { kind: "key", apiKeyId: record.apiKeyId, userId: record.userId, isAdmin: record.userRole === "admin", apiKeyHash, stale },
+        principal: { kind: "key", apiKeyId: record.apiKeyId, userId: record.userId, isAdmin: record.userRole === "admin", apiKeyHash, stale: answer.stale },
       };
     },
   };
