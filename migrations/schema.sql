@@ -271,13 +271,15 @@ create table app_public.api_keys (
   created_at timestamp with time zone not null default now(),  -- When the key was created or imported.
   expires_at timestamp with time zone,  -- After this instant the key no longer authenticates. NULL: never expires. [acl: keytrack_admin=w/keytrack_owner]
   revoked_at timestamp with time zone,  -- When the key was revoked; it no longer authenticates, but requests it made stay attributed to it.
-  last_used_at timestamp with time zone  -- When the key last authenticated a request through the service (updated at most once a minute).
+  last_used_at timestamp with time zone,  -- When the key last authenticated a request through the service (updated at most once a minute).
+  created_by_api_key_id uuid  -- The API key its creator authenticated with, when it was created by a caller using a key (not the admin token, not SQL): revoking that key revokes this one too.
 );
 -- row level security: enabled
 -- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
 -- comment: @behavior -insert -delete
 API keys. Created with create_api_key() (the secret is shown once) or registered by hash with import_api_key(); revoked with revoke_api_key(), never deleted, so requests stay attributed.
 constraint api_keys_check CHECK (expires_at IS NULL OR expires_at > created_at);
+constraint api_keys_created_by_api_key_id_fkey FOREIGN KEY (created_by_api_key_id) REFERENCES app_public.api_keys(id) ON DELETE RESTRICT;
 constraint api_keys_environment_check CHECK (environment = ANY (ARRAY['live'::text, 'test'::text, 'development'::text]));
 constraint api_keys_last4_check CHECK (length(last4) <= 4);
 constraint api_keys_name_check CHECK (length(name) >= 1 AND length(name) <= 200);
@@ -285,6 +287,7 @@ constraint api_keys_pkey PRIMARY KEY (id);
 constraint api_keys_prefix_check CHECK (length(prefix) <= 32);
 constraint api_keys_source_check CHECK (source = ANY (ARRAY['created'::text, 'imported'::text]));
 constraint api_keys_user_id_fkey FOREIGN KEY (user_id) REFERENCES app_public.users(id) ON DELETE RESTRICT;
+CREATE INDEX api_keys_created_by_api_key_id_idx ON app_public.api_keys USING btree (created_by_api_key_id);
 CREATE UNIQUE INDEX api_keys_pkey ON app_public.api_keys USING btree (id);
 CREATE INDEX api_keys_user_id_idx ON app_public.api_keys USING btree (user_id);
 CREATE TRIGGER _900_notify_key_change AFTER UPDATE ON app_public.api_keys FOR EACH ROW WHEN (old.revoked_at IS DISTINCT FROM new.revoked_at OR old.expires_at IS DISTINCT FROM new.expires_at OR old.user_id IS DISTINCT FROM new.user_id) EXECUTE FUNCTION app_private.tg_api_keys__notify_change();  -- Announces revocations, expiry changes and owner changes to keytrack's key caches (channel keytrack_key_changes).
@@ -1525,6 +1528,9 @@ declare
   v_secret text;
   v_key app_public.api_keys;
   v_result app_public.created_api_key;
+  v_creator uuid := nullif(current_setting('keytrack.api_key_id', true), '')::uuid;
+  v_limit integer := coalesce(nullif(current_setting('keytrack.max_live_keys_per_user', true), '')::integer, 20);
+  v_live integer;
 begin
   if not app_private.is_admin() and create_api_key.user_id is distinct from app_public.current_user_id() then
     raise exception 'only admins may create keys for other users' using errcode = '42501';
@@ -1532,15 +1538,25 @@ begin
   if create_api_key.environment not in ('live', 'test') then
     raise exception 'environment must be live or test, got %', create_api_key.environment using errcode = '22023';
   end if;
-  if not exists (select 1 from app_public.users u where u.id = create_api_key.user_id) then
+  -- The user's row lock serialises concurrent creations, so the limit holds.
+  perform 1 from app_public.users u where u.id = create_api_key.user_id for update;
+  if not found then
     raise exception 'user % does not exist', create_api_key.user_id using errcode = '23503';
+  end if;
+  if not app_private.is_admin() then
+    select count(*) into v_live from app_public.api_keys k
+     where k.user_id = create_api_key.user_id and k.revoked_at is null and (k.expires_at is null or k.expires_at > now());
+    if v_live >= v_limit then
+      raise exception 'a user may have at most % live API keys; revoke one first', v_limit
+        using errcode = '54000', hint = 'Admins may create more; the limit is the MAX_LIVE_KEYS_PER_USER setting.';
+    end if;
   end if;
   -- kt_<env>_ and 64 hex digits from two random UUIDs (244 random bits).
   v_secret := 'kt_' || create_api_key.environment || '_'
     || replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', '');
-  insert into app_public.api_keys (user_id, name, prefix, last4, environment, source, expires_at)
+  insert into app_public.api_keys (user_id, name, prefix, last4, environment, source, expires_at, created_by_api_key_id)
     values (create_api_key.user_id, coalesce(create_api_key.name, 'default'),
-            left(v_secret, 12), right(v_secret, 4), create_api_key.environment, 'created', create_api_key.expires_at)
+            left(v_secret, 12), right(v_secret, 4), create_api_key.environment, 'created', create_api_key.expires_at, v_creator)
     returning * into v_key;
   insert into app_private.api_key_secrets (api_key_id, key_hash)
     values (v_key.id, app_public.api_key_hash(v_secret));
@@ -1549,7 +1565,7 @@ begin
 end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
--- comment: Creates an API key for a user and returns it with its secret, once (kt_live_... or kt_test_...). Only the SHA-256 is stored. Admins may create keys for anyone, a user only for themselves.
+-- comment: Creates an API key for a user and returns it with its secret, once (kt_live_... or kt_test_...). Admins for anyone; a user for themselves, up to keytrack.max_live_keys_per_user live keys (SQLSTATE 54000 past it). A key created by a caller authenticated with a key records it in created_by_api_key_id, and is revoked with it.
 
 CREATE OR REPLACE FUNCTION app_public.current_user_id()
  RETURNS uuid
@@ -1612,14 +1628,21 @@ begin
   if not found or not (app_private.is_admin() or v_key.user_id = app_public.current_user_id()) then
     raise exception 'api key % not found', revoke_api_key.api_key_id using errcode = 'P0002';
   end if;
+  -- The key and, transitively, every live key made with it.
+  with recursive made(id) as (
+    select revoke_api_key.api_key_id
+    union
+    select k.id from app_public.api_keys k join made m on k.created_by_api_key_id = m.id
+  )
   update app_public.api_keys k set revoked_at = coalesce(k.revoked_at, now())
-    where k.id = revoke_api_key.api_key_id
-    returning * into v_key;
+    from made m
+   where k.id = m.id and (k.id = revoke_api_key.api_key_id or k.revoked_at is null);
+  select * into v_key from app_public.api_keys k where k.id = revoke_api_key.api_key_id;
   return v_key;
 end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
--- comment: Revokes a key: it stops authenticating at once, but the row stays so requests it made stay attributed. Revoking twice keeps the first revocation time. Admins, or the key's owner.
+-- comment: Revokes a key, and every key made with it (created_by_api_key_id, transitively): they stop authenticating at once, but the rows stay so requests they made stay attributed. Revoking twice keeps the first revocation time. Admins, or the key's owner.
 
 CREATE OR REPLACE FUNCTION app_public.start_attribution_backfill(batch_size integer DEFAULT 1000)
  RETURNS app_public.attribution_backfills

@@ -1,4 +1,4 @@
-/** GET /health: is the process up, and does the database answer (owner pool, 2 s budget)? */
+/** GET /health: is the process up, and does the database answer (owner pool, 2 s budget)? No details: anyone may ask. */
 import type express from "express";
 
 import type { AppContext } from "../context.js";
@@ -17,13 +17,6 @@ async function pingWithin(ctx: AppContext, ms: number): Promise<void> {
   }
 }
 
-function shortMessage(err: unknown): string {
-  const message = err instanceof Error ? err.message : String(err);
-  const code = (err as { code?: unknown } | null)?.code;
-  const text = typeof code === "string" && !message.includes(code) ? `${code}: ${message}` : message;
-  return text.split("\n")[0]!.slice(0, 200);
-}
-
 export function installHealth(app: express.Express, ctx: AppContext): void {
   app.get("/health", async (_req, res) => {
     res.set("Cache-Control", "no-store");
@@ -31,8 +24,9 @@ export function installHealth(app: express.Express, ctx: AppContext): void {
       await pingWithin(ctx, TIMEOUT_MS);
       res.status(200).json({ status: "ok", database: "ok" });
     } catch (err) {
+      // Unauthenticated: up or down only. The error (hosts, ports, users) goes to the log.
       ctx.log.warn("health check: database unreachable", { error: err });
-      res.status(503).json({ status: "error", database: "unreachable", error: shortMessage(err) });
+      res.status(503).json({ status: "error", database: "unreachable" });
     }
   });
 }
