@@ -17,6 +17,7 @@ import type { DevKey } from "./chat/devKey.js";
 import type { AppContext, Installer } from "./context.js";
 import { type Config, type ConnectedConfig, isConnected, withDatabaseUrls } from "./config.js";
 import { redactUrl } from "./db/urls.js";
+import { answerClientErrors } from "./http/clientErrors.js";
 import { startEmbeddedPostgres, type EmbeddedPostgres } from "./db/embedded.js";
 import { closePools, createPools } from "./db/pools.js";
 import { prepareDatabase } from "./db/prepare.js";
@@ -116,6 +117,7 @@ export async function startServer(config: Config, options: StartServerOptions = 
     undo.push(() => app.close());
 
     const server = http.createServer(app.app);
+    answerClientErrors(server);
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
       server.listen(config.port, config.host, () => {

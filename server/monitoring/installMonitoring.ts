@@ -5,7 +5,7 @@
  * - GET /admin/monitoring/api-key-tracking-trend?days=7      (1..30)
  *
  * Both read the SQL reports on the read pool (READ_DATABASE_URL when set). A
- * bad parameter is a 422 naming it and its bounds; a database failure is a
+ * bad or unknown parameter is a 422 naming it and its bounds (or the known one); a database failure is a
  * 503, never a 200 with zeros (the original's behaviour).
  */
 import type express from "express";
@@ -24,7 +24,14 @@ const DAYS: IntParam = { name: "days", min: 1, max: 30, default: 7 };
 function report(ctx: AppContext, param: IntParam, read: (value: number) => Promise<unknown>): express.RequestHandler {
   return async (req, res) => {
     res.set("Cache-Control", "no-store");
-    const parsed = parseIntParam((req.query as Record<string, unknown>)[param.name], param);
+    const query = req.query as Record<string, unknown>;
+    // A misspelt parameter (?hour=24) would silently give the default: refuse it, naming the known one.
+    const unknown = Object.keys(query).filter((name) => name !== param.name);
+    if (unknown.length > 0) {
+      return sendError(res, new ApiError(422, `unknown query parameter ${unknown.map((u) => `"${u}"`).join(", ")}: this endpoint takes only "${param.name}"`,
+        "invalid_request_error", "unknown_parameter", unknown[0]!, { known: [param.name] }));
+    }
+    const parsed = parseIntParam(query[param.name], param);
     if (!parsed.ok) {
       return sendError(res, new ApiError(422, parsed.message, "invalid_request_error", "invalid_parameter", param.name, {
         minimum: param.min,

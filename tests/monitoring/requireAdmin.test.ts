@@ -99,6 +99,10 @@ test("hours: 1..168, integers only, 422 naming the parameter and its bounds", as
     }, `hours=${value}`);
   }
   t.is((await get(`${QUALITY}?hours=1&hours=2`, `Bearer ${ADMIN_TOKEN}`)).status, 422, "repeated");
+  const misspelt = await get(`${QUALITY}?hour=24`, `Bearer ${ADMIN_TOKEN}`);
+  t.is(misspelt.status, 422, "an unknown parameter is refused, not ignored");
+  t.like(misspelt.body.error, { code: "unknown_parameter", param: "hour", known: ["hours"] });
+  t.is((await get(`${TREND}?days=7&hours=24`, `Bearer ${ADMIN_TOKEN}`)).status, 422);
   for (const value of ["1", "168", "024"]) {
     const r = await get(`${QUALITY}?hours=${value}`, `Bearer ${ADMIN_TOKEN}`);
     t.is(r.status, 200, `hours=${value}`);
