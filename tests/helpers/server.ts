@@ -30,7 +30,7 @@ export async function removeTempDataDirs(): Promise<void> {
 export async function startTestServer(
   db: TestDb,
   env: Record<string, string> = {},
-  options: Omit<StartServerOptions, "log"> = {},
+  options: StartServerOptions = {},
 ): Promise<RunningServer> {
   // Each server gets a data folder (spool) of its own unless the test names one
   // (e.g. to restart on the same spool); ours is removed when the server closes.
