@@ -44,6 +44,15 @@ export const EMBEDDED_OWNER = "keytrack_owner";
 export const EMBEDDED_DATABASE = "keytrack";
 
 /** Unix socket paths are limited to ~100 bytes: keep the directory short and stable per data dir. */
+/** The embedded cluster's pg_hba.conf (docs/reliability.md explains the rule for other servers). */
+export const EMBEDDED_PG_HBA = `# keytrack's embedded PostgreSQL (written by keytrack at every start; edits are overwritten).
+# The Unix socket only: its folder is mode 0700, so only the OS user running the cluster (and
+# root) can connect. keytrack_authenticator has no password and may SET ROLE keytrack_admin:
+# it must never be reachable from anywhere else.
+local   all   all   trust
+host    all   all   all   reject
+`;
+
 export function socketDirFor(dataDir: string): string {
   const hash = createHash("sha256").update(path.resolve(dataDir)).digest("hex").slice(0, 8);
   return path.join("/tmp", `keytrack-pg-${hash}`);
@@ -329,6 +338,14 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
       throw new Error(`initdb failed: ${(e as Error).message}\n${lines.slice(-10).join("\n")}`);
     }
   }
+
+  // Who may log in, written on every start (clusters made by older versions get it too).
+  // keytrack_authenticator has no password and may become keytrack_admin, so the only
+  // way in is the Unix socket, whose folder (mode 0700) only the OS user running the
+  // cluster, and root, can reach; TCP is refused even if someone adds a listener.
+  const hba = path.join(pgDataDir, "pg_hba.conf");
+  await fs.writeFile(hba, EMBEDDED_PG_HBA, { mode: 0o600 });
+  if (runAs) await fs.chown(hba, runAs.uid, runAs.gid);
 
   if (runAs) {
     await assertTraversable(pgDataDir, runAs);

