@@ -13,6 +13,18 @@ test("defaults: port 8000, development, anonymous allowed in development only, e
   t.false(loadConfig({ APP_ENV: "test" }).allowAnonymous);
 });
 
+test("development is the default only on the embedded database: with DATABASE_URL, production unless APP_ENV says otherwise", (t) => {
+  const external = loadConfig({ DATABASE_URL: "postgres://keytrack_owner@db.example/keytrack" });
+  t.like(external, { appEnv: "production", allowAnonymous: false, echoModel: false, graphiql: false });
+  t.throws(() => loadConfig({ DATABASE_URL: "postgres://keytrack_owner@db.example/keytrack", ADMIN_API_KEY: "8-chars!" }), {
+    instanceOf: ConfigError,
+    message: /ADMIN_API_KEY must be at least 32 characters when APP_ENV=production/,
+  });
+  t.like(loadConfig({ DATABASE_URL: "postgres://keytrack_owner@db.example/keytrack", APP_ENV: "development" }), { appEnv: "development", allowAnonymous: true, echoModel: true, graphiql: true });
+  t.like(loadConfig({}), { appEnv: "development", echoModel: true, graphiql: true });
+  t.like(loadConfig({ APP_ENV: "test" }), { echoModel: true, graphiql: false });
+});
+
 test("connection strings are derived from DATABASE_URL", (t) => {
   const c = loadConfig({ DATABASE_URL: "postgres://keytrack_owner:pw@db.example:5433/keytrack" });
   t.deepEqual(
