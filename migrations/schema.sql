@@ -151,7 +151,9 @@ create table app_partitions.chat_completion_requests_default partition (DEFAULT)
   attribution_error text,  -- The last error met while attributing this row, for diagnosis.
   attributed_at timestamp with time zone,  -- When api_key_id was set.
   spooled_at timestamp with time zone,  -- When the service could not reach the database and wrote this row to its durable local spool; the row was replayed later. NULL for rows written directly.
-  initial_attribution text  -- The attribution outcome at insert, set by the insert trigger and never changed: `resolved_lookup`, `resolved_dev` (the development key), `pending_not_found` (the key hash matched no key yet), `pending_lookup_failed` (the writer declared its own key lookup failed), `failed_dev_bypass`, `failed_no_key` or `anonymous`. NULL for rows recorded before keytrack kept it. The monotonic Prometheus counters count it.
+  initial_attribution text,  -- The attribution outcome at insert, set by the insert trigger and never changed: `resolved_lookup`, `resolved_dev` (the development key), `pending_not_found` (the key hash matched no key yet), `pending_lookup_failed` (the writer declared its own key lookup failed), `failed_dev_bypass`, `failed_no_key` or `anonymous`. NULL for rows recorded before keytrack kept it. The monotonic Prometheus counters count it.
+  process_id uuid,  -- The keytrack serving process that accepted the request (serving_processes.id); NULL for rows written through SQL by other writers.
+  process_seq bigint  -- The request's number in its process's numbering (1, 2, 3, ... in the order accepted); a missing number is a row that never arrived (completeness_gaps()).
 );
 -- row level security: enabled
 -- acl: (default)
@@ -168,6 +170,8 @@ constraint chat_completion_requests_default_pkey PRIMARY KEY (id, created_at);
 constraint chat_completion_requests_input_tokens_check CHECK (input_tokens >= 0);
 constraint chat_completion_requests_model_check CHECK (length(model) <= 200);
 constraint chat_completion_requests_output_tokens_check CHECK (output_tokens >= 0);
+constraint chat_completion_requests_process_check CHECK ((process_id IS NULL) = (process_seq IS NULL));
+constraint chat_completion_requests_process_seq_check CHECK (process_seq > 0);
 constraint chat_completion_requests_processing_time_ms_check CHECK (processing_time_ms >= 0);
 constraint chat_completion_requests_provider_check CHECK (length(provider) <= 200);
 constraint chat_completion_requests_request_id_check CHECK (length(request_id) >= 1 AND length(request_id) <= 200);
@@ -180,6 +184,7 @@ CREATE INDEX chat_completion_requests_default_created_at_idx ON app_partitions.c
 CREATE INDEX chat_completion_requests_default_created_at_idx1 ON app_partitions.chat_completion_requests_default USING btree (created_at) WHERE (attribution_status = ANY (ARRAY['pending'::text, 'failed'::text]));
 CREATE INDEX chat_completion_requests_default_is_anonymous_idx ON app_partitions.chat_completion_requests_default USING btree (is_anonymous);
 CREATE UNIQUE INDEX chat_completion_requests_default_pkey ON app_partitions.chat_completion_requests_default USING btree (id, created_at);
+CREATE INDEX chat_completion_requests_default_process_id_process_seq_idx ON app_partitions.chat_completion_requests_default USING btree (process_id, process_seq) WHERE (process_id IS NOT NULL);
 CREATE INDEX chat_completion_requests_default_request_id_idx ON app_partitions.chat_completion_requests_default USING btree (request_id);
 CREATE INDEX chat_completion_requests_default_user_id_idx ON app_partitions.chat_completion_requests_default USING btree (user_id);
 CREATE TRIGGER _200_keep_initial_attribution BEFORE UPDATE ON app_partitions.chat_completion_requests_default FOR EACH ROW WHEN (old.initial_attribution IS DISTINCT FROM new.initial_attribution) EXECUTE FUNCTION app_private.tg_chat_completion_requests__keep_initial_attribution();  -- (no comment)
@@ -399,7 +404,9 @@ create table app_public.chat_completion_requests (
   attribution_error text,  -- The last error met while attributing this row, for diagnosis.
   attributed_at timestamp with time zone,  -- When api_key_id was set.
   spooled_at timestamp with time zone,  -- When the service could not reach the database and wrote this row to its durable local spool; the row was replayed later. NULL for rows written directly.
-  initial_attribution text  -- The attribution outcome at insert, set by the insert trigger and never changed: `resolved_lookup`, `resolved_dev` (the development key), `pending_not_found` (the key hash matched no key yet), `pending_lookup_failed` (the writer declared its own key lookup failed), `failed_dev_bypass`, `failed_no_key` or `anonymous`. NULL for rows recorded before keytrack kept it. The monotonic Prometheus counters count it.
+  initial_attribution text,  -- The attribution outcome at insert, set by the insert trigger and never changed: `resolved_lookup`, `resolved_dev` (the development key), `pending_not_found` (the key hash matched no key yet), `pending_lookup_failed` (the writer declared its own key lookup failed), `failed_dev_bypass`, `failed_no_key` or `anonymous`. NULL for rows recorded before keytrack kept it. The monotonic Prometheus counters count it.
+  process_id uuid,  -- The keytrack serving process that accepted the request (serving_processes.id); NULL for rows written through SQL by other writers.
+  process_seq bigint  -- The request's number in its process's numbering (1, 2, 3, ... in the order accepted); a missing number is a row that never arrived (completeness_gaps()).
 ) partition by RANGE (created_at);
 -- row level security: enabled
 -- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
@@ -417,6 +424,8 @@ constraint chat_completion_requests_input_tokens_check CHECK (input_tokens >= 0)
 constraint chat_completion_requests_model_check CHECK (length(model) <= 200);
 constraint chat_completion_requests_output_tokens_check CHECK (output_tokens >= 0);
 constraint chat_completion_requests_pkey PRIMARY KEY (id, created_at);
+constraint chat_completion_requests_process_check CHECK ((process_id IS NULL) = (process_seq IS NULL));
+constraint chat_completion_requests_process_seq_check CHECK (process_seq > 0);
 constraint chat_completion_requests_processing_time_ms_check CHECK (processing_time_ms >= 0);
 constraint chat_completion_requests_provider_check CHECK (length(provider) <= 200);
 constraint chat_completion_requests_request_id_check CHECK (length(request_id) >= 1 AND length(request_id) <= 200);
@@ -427,6 +436,7 @@ CREATE INDEX chat_completion_requests_created_at_idx ON ONLY app_public.chat_com
 CREATE INDEX chat_completion_requests_pending_hash_idx ON ONLY app_public.chat_completion_requests USING btree (api_key_hash) WHERE (attribution_status = 'pending'::text);
 CREATE INDEX chat_completion_requests_pending_idx ON ONLY app_public.chat_completion_requests USING btree (attribution_next_attempt_at) WHERE (attribution_status = 'pending'::text);
 CREATE UNIQUE INDEX chat_completion_requests_pkey ON ONLY app_public.chat_completion_requests USING btree (id, created_at);
+CREATE INDEX chat_completion_requests_process_seq_idx ON ONLY app_public.chat_completion_requests USING btree (process_id, process_seq) WHERE (process_id IS NOT NULL);
 CREATE INDEX chat_completion_requests_request_id_idx ON ONLY app_public.chat_completion_requests USING btree (request_id);
 CREATE INDEX chat_completion_requests_unattributed_idx ON ONLY app_public.chat_completion_requests USING btree (created_at) WHERE (attribution_status = ANY (ARRAY['pending'::text, 'failed'::text]));
 CREATE INDEX chat_completion_requests_user_id_idx ON ONLY app_public.chat_completion_requests USING btree (user_id);
@@ -437,6 +447,31 @@ CREATE TRIGGER _900_mark_rollup_hours_delete AFTER DELETE ON app_public.chat_com
 CREATE TRIGGER _900_mark_rollup_hours_update AFTER UPDATE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Marks ended hours whose rows changed attribution (retry, backfill) dirty for the rollups.
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every request.
 policy select_own for r to keytrack_user using ((user_id = app_public.current_user_id()));  -- A user sees only the requests attributed to them.
+
+create table app_public.serving_processes (
+  id uuid not null default gen_random_uuid(),  -- The process's identity; chat_completion_requests.process_id.
+  host text not null,  -- Host name of the machine it runs on.
+  pid integer not null,  -- Its operating-system process id.
+  version text not null,  -- keytrack's version (package.json).
+  started_at timestamp with time zone not null default now(),  -- When it registered, at start-up.
+  heartbeat_at timestamp with time zone not null default now(),  -- Its last sign of life (every few seconds while it runs).
+  accepted_seq bigint not null default 0,  -- The highest request number it had handed out at heartbeat_at (or at stopped_at).
+  stopped_at timestamp with time zone,  -- When it shut down cleanly; NULL while running, or if it was killed.
+  last_seq bigint  -- The last request number it handed out, recorded at a clean shutdown: every number up to it must have a row.
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner
+-- comment: @behavior -insert -update -delete
+The keytrack processes that serve requests, one row per start: each numbers the requests it accepts 1, 2, 3, ... and its ledger rows carry that number (chat_completion_requests.process_seq), so completeness_gaps() can find any row that never arrived.
+constraint serving_processes_accepted_seq_check CHECK (accepted_seq >= 0);
+constraint serving_processes_check CHECK ((stopped_at IS NULL) = (last_seq IS NULL));
+constraint serving_processes_host_check CHECK (length(host) >= 1 AND length(host) <= 255);
+constraint serving_processes_last_seq_check CHECK (last_seq >= 0);
+constraint serving_processes_pid_check CHECK (pid > 0);
+constraint serving_processes_pkey PRIMARY KEY (id);
+constraint serving_processes_version_check CHECK (length(version) >= 1 AND length(version) <= 100);
+CREATE UNIQUE INDEX serving_processes_pkey ON app_public.serving_processes USING btree (id);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every serving process.
 
 create table app_public.users (
   id uuid not null default gen_random_uuid(),  -- Primary key.
@@ -536,6 +571,30 @@ AS $function$
 $function$;
 -- acl: keytrack_authenticator=X/keytrack_owner, keytrack_owner=X/keytrack_owner
 -- comment: Looks up a presented key by its hash: the key id, the user id and whether the key is usable now (not revoked, not expired), with the reason when not. Always returns one row.
+
+CREATE OR REPLACE FUNCTION app_private.completeness_metrics(replay_window interval DEFAULT '00:10:00'::interval)
+ RETURNS TABLE(process_id uuid, host text, state text, accepted_seq bigint, recorded bigint, missing bigint)
+ LANGUAGE plpgsql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+begin
+  return query
+  with procs as (
+    select p.*, app_public.serving_process_state(p) as st
+      from app_public.serving_processes p
+     where coalesce(p.stopped_at, p.heartbeat_at) >= now() - interval '1 day'
+  )
+  select p.id, p.host, p.st, p.accepted_seq,
+         (select count(*) from app_public.chat_completion_requests r
+           where r.process_id = p.id and r.created_at >= p.started_at - interval '1 minute'),
+         coalesce((select sum(g.missing) from app_public.completeness_gaps(replay_window, now() - interval '1 day') g
+                    where g.process_id = p.id), 0)::bigint
+    from procs p;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: For /metrics: per serving process alive within the last day, the numbers it reported handing out, its rows in the ledger and the numbers missing past replay_window.
 
 CREATE OR REPLACE FUNCTION app_private.count_attribution_events(events text[], counts bigint[])
  RETURNS void
@@ -727,6 +786,19 @@ $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: The spec's development key: creates, once, the user dev@localhost and the real key dev_local_{user_id}_local_development (stored hashed, environment development) and returns the key. Raises 28000 when that key was revoked. Called by the service at start-up with APP_ENV=development only.
 
+CREATE OR REPLACE FUNCTION app_private.heartbeat_serving_process(process_id uuid, accepted_seq bigint)
+ RETURNS void
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+  update app_public.serving_processes p
+     set heartbeat_at = now(), accepted_seq = greatest(p.accepted_seq, heartbeat_serving_process.accepted_seq)
+   where p.id = heartbeat_serving_process.process_id
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Called by a keytrack process every few seconds: it is alive and has handed out request numbers up to accepted_seq.
+
 CREATE OR REPLACE FUNCTION app_private.invalidate_attribution_rollups(since timestamp with time zone, until timestamp with time zone)
  RETURNS integer
  LANGUAGE plpgsql
@@ -857,6 +929,17 @@ end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: The rollup worker's body (every minute): settles the hours whose fence has passed (counts them from the raw rows), recomputes the hours marked dirty since, consumes their marks and takes the next fence. Idempotent; concurrent runs skip. Reads are exact whether or not it runs; it only makes them cheaper.
+
+CREATE OR REPLACE FUNCTION app_private.register_serving_process(host text, pid integer, version text)
+ RETURNS uuid
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+  insert into app_public.serving_processes (host, pid, version) values (host, pid, version) returning id
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Called by a keytrack process at start-up: registers it and returns its identity.
 
 CREATE OR REPLACE FUNCTION app_private.resolve_pending_attributions(batch_size integer DEFAULT 500, max_attempts integer DEFAULT 10, base_delay interval DEFAULT '00:00:01'::interval, max_delay interval DEFAULT '00:10:00'::interval, as_of timestamp with time zone DEFAULT now())
  RETURNS app_private.attribution_retry_result
@@ -1101,6 +1184,20 @@ end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: Schedules the retry worker (task chat_completion_requests__resolve_pending) to run at run_at, unless a run is already due by then.
+
+CREATE OR REPLACE FUNCTION app_private.stop_serving_process(process_id uuid, last_seq bigint)
+ RETURNS void
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+  update app_public.serving_processes p
+     set stopped_at = now(), heartbeat_at = now(), last_seq = stop_serving_process.last_seq,
+         accepted_seq = greatest(p.accepted_seq, stop_serving_process.last_seq)
+   where p.id = stop_serving_process.process_id
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Called by a keytrack process at a clean shutdown, after its rows were written or spooled: the last request number it handed out.
 
 CREATE OR REPLACE FUNCTION app_private.tg__set_updated_at()
  RETURNS trigger
@@ -1518,6 +1615,93 @@ $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
 -- comment: The key hashes and users behind the most unattributed (pending or failed) requests in the last `hours` hours (1..8760), most first, at most max_rows (1..1000) in all. A request naming both a user and a key hash counts for both. Admins and analysts.
 
+CREATE OR REPLACE FUNCTION app_public.completeness_by_hour(hours integer DEFAULT 24, replay_window interval DEFAULT '00:10:00'::interval)
+ RETURNS TABLE(process_id uuid, hour timestamp with time zone, recorded bigint, missing bigint, accepted bigint, completeness_ratio numeric)
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_since timestamptz;
+begin
+  if hours is null or hours < 1 or hours > 24 * 90 then
+    raise exception 'hours must be between 1 and 2160, got %', hours using errcode = '22023';
+  end if;
+  v_since := date_trunc('hour', now(), 'UTC') - make_interval(hours => hours - 1);
+  return query
+  with recorded as (
+    select r.process_id, date_trunc('hour', r.created_at, 'UTC') as hour, count(*) as n
+      from app_public.chat_completion_requests r
+     where r.process_id is not null and r.created_at >= v_since
+     group by 1, 2
+  ), missing as (
+    -- A gap belongs to the hour of the last row before it (or of the time it was noticed).
+    select g.process_id, date_trunc('hour', coalesce(g.after_request_at, g.before_request_at), 'UTC') as hour, sum(g.missing) as n
+      from app_public.completeness_gaps(replay_window, v_since - interval '1 hour') g
+     group by 1, 2
+  )
+  select coalesce(r.process_id, m.process_id), coalesce(r.hour, m.hour),
+         coalesce(r.n, 0)::bigint, coalesce(m.n, 0)::bigint, (coalesce(r.n, 0) + coalesce(m.n, 0))::bigint,
+         round(coalesce(r.n, 0)::numeric / nullif(coalesce(r.n, 0) + coalesce(m.n, 0), 0), 6)
+    from recorded r full join missing m on m.process_id = r.process_id and m.hour = r.hour
+   where coalesce(r.hour, m.hour) >= v_since
+   order by 2, 1;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: Completeness per serving process and UTC hour over the last `hours` hours: rows recorded, numbers missing (completeness_gaps() with replay_window), accepted = recorded + missing, and the ratio recorded / accepted (1 when nothing is missing).
+
+CREATE OR REPLACE FUNCTION app_public.completeness_gaps(replay_window interval DEFAULT '00:10:00'::interval, since timestamp with time zone DEFAULT (now() - '7 days'::interval))
+ RETURNS TABLE(process_id uuid, host text, pid integer, process_state text, from_seq bigint, to_seq bigint, missing bigint, after_request_at timestamp with time zone, before_request_at timestamp with time zone)
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_since timestamptz := since;
+  v_settled timestamptz := now() - replay_window;
+begin
+  return query
+  with procs as (
+    select p.*, app_public.serving_process_state(p) as state,
+           coalesce(p.last_seq, p.accepted_seq) as expected_last
+      from app_public.serving_processes p
+     where coalesce(p.stopped_at, p.heartbeat_at) >= v_since
+  ), rows_ as (
+    select r.process_id, r.process_seq, r.created_at,
+           lag(r.process_seq) over w as prev_seq, lag(r.created_at) over w as prev_at
+      from app_public.chat_completion_requests r
+      join procs p on p.id = r.process_id
+     where r.created_at >= greatest(v_since, p.started_at - interval '1 minute')
+    window w as (partition by r.process_id order by r.process_seq)
+  ), inner_gaps as (
+    -- Between two rows of a process: the numbers in between were accepted between their times.
+    select r.process_id, coalesce(r.prev_seq, 0) + 1 as from_seq, r.process_seq - 1 as to_seq,
+           r.prev_at as after_at, r.created_at as before_at
+      from rows_ r
+     where r.process_seq > coalesce(r.prev_seq, 0) + 1
+  ), last_rows as (
+    select distinct on (r.process_id) r.process_id, r.process_seq, r.created_at
+      from rows_ r order by r.process_id, r.process_seq desc
+  ), tail_gaps as (
+    -- After a process's last row: numbers it handed out (by its heartbeat or its stop) with no row.
+    select p.id as process_id, coalesce(l.process_seq, 0) + 1 as from_seq, p.expected_last as to_seq,
+           l.created_at as after_at, coalesce(p.stopped_at, p.heartbeat_at) as before_at
+      from procs p left join last_rows l on l.process_id = p.id
+     where p.expected_last > coalesce(l.process_seq, 0)
+  )
+  select g.process_id, p.host, p.pid, p.state, g.from_seq, g.to_seq, g.to_seq - g.from_seq + 1,
+         g.after_at, g.before_at
+    from (select * from inner_gaps union all select * from tail_gaps) g
+    join procs p on p.id = g.process_id
+   -- Rows still in a spool may land within the replay window; a killed process's are reported at once.
+   where g.before_at < v_settled or p.state = 'killed'
+   order by p.started_at, g.from_seq;
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: The request numbers that keytrack serving processes handed out (accepted requests) and that have no ledger row, as ranges per process: between two recorded rows, or after a process's last row up to the last number it reported (accepted_seq at its heartbeat, last_seq at a clean stop). Only gaps older than replay_window (rows may still be in a spool until then), except for killed processes, whose tail may be missing until their spool is replayed. Processes alive since `since`.
+
 CREATE OR REPLACE FUNCTION app_public.create_api_key(user_id uuid, name text DEFAULT 'default'::text, environment text DEFAULT 'live'::text, expires_at timestamp with time zone DEFAULT NULL::timestamp with time zone)
  RETURNS app_public.created_api_key
  LANGUAGE plpgsql
@@ -1643,6 +1827,19 @@ end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
 -- comment: Revokes a key, and every key made with it (created_by_api_key_id, transitively): they stop authenticating at once, but the rows stay so requests they made stay attributed. Revoking twice keeps the first revocation time. Admins, or the key's owner.
+
+CREATE OR REPLACE FUNCTION app_public.serving_process_state(p app_public.serving_processes)
+ RETURNS text
+ LANGUAGE sql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+  select case when p.stopped_at is not null then 'stopped'
+              when p.heartbeat_at >= now() - interval '2 minutes' then 'running'
+              else 'killed' end
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: stopped (shut down cleanly: last_seq is known), running (a heartbeat within 2 minutes), or killed (no heartbeat for 2 minutes and no clean stop: the numbers after accepted_seq are unknown, and rows it had spooled land only when a process restarts on its data folder).
 
 CREATE OR REPLACE FUNCTION app_public.start_attribution_backfill(batch_size integer DEFAULT 1000)
  RETURNS app_public.attribution_backfills
