@@ -62,6 +62,15 @@ create type app_private.authenticated_api_key as (
 );
 -- comment: What authenticate_api_key() knows about a presented key.
 
+create type app_public.api_key_import_result as (
+  position integer,  -- The entry's position in the input array, from 1.
+  key_hash_hex text,  -- The entry's key hash as given (hex), when it had one.
+  outcome text,  -- imported, already_present (a key with this hash is registered: nothing changed) or refused (see reason).
+  reason text,  -- Why the entry was refused, or for already_present whether the registered key has the same user.
+  api_key_id uuid  -- The key's id (new, or the one already registered).
+);
+-- comment: One entry of import_api_keys(): its position in the input (from 1), its hash, the outcome (imported, already_present, refused), why, and the key's id.
+
 create type app_public.api_key_tracking_quality_report as (
   hours integer,  -- The window, in hours.
   start_time timestamp with time zone,  -- The window's start: end_time minus hours.
@@ -216,6 +225,19 @@ constraint attribution_events_event_check CHECK (event = ANY (ARRAY['retry_resol
 constraint attribution_events_occurrences_check CHECK (occurrences >= 0);
 constraint attribution_events_pkey PRIMARY KEY (event);
 CREATE UNIQUE INDEX attribution_events_pkey ON app_private.attribution_events USING btree (event);
+
+create table app_private.attribution_latency (
+  le double precision not null,  -- The bucket's upper bound in seconds (Infinity: everything above the largest bound).
+  observations bigint not null default 0,  -- Rows whose latency fell in this bucket (not cumulative).
+  sum_seconds double precision not null default 0,  -- Sum of the latencies counted in this bucket.
+  updated_at timestamp with time zone not null default now()  -- When the bucket last changed.
+);
+-- row level security: enabled
+-- acl: (default)
+-- comment: Histogram of attribution latency (seconds from a pending row's arrival to its final attribution by the retry worker): observations with latency <= le and above the next smaller bound, one row per bucket (le = Infinity for the last); sum_seconds on the Infinity row is the total. Never decreasing.
+constraint attribution_latency_observations_check CHECK (observations >= 0);
+constraint attribution_latency_pkey PRIMARY KEY (le);
+CREATE UNIQUE INDEX attribution_latency_pkey ON app_private.attribution_latency USING btree (le);
 
 create table app_private.attribution_wakes (
   key_hash bytea not null,  -- sha256 of the imported key, as chat_completion_requests.api_key_hash.
@@ -498,6 +520,23 @@ policy select_self for r to keytrack_user using ((id = app_public.current_user_i
 policy update_admin for w to keytrack_admin using (true);  -- Admins change users.
 
 -- 5 monthly partitions (chat_completion_requests_pYYYY_MM) made by create_partitions(), not listed.
+
+CREATE OR REPLACE FUNCTION app_private.attribution_latency_metrics()
+ RETURNS TABLE(le double precision, cumulative bigint, sum_seconds double precision, oldest_pending_seconds double precision)
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+  select l.le,
+         (sum(l.observations) over (order by l.le))::bigint,
+         sum(l.sum_seconds) over (),
+         (select extract(epoch from now() - min(r.created_at))::double precision
+            from app_public.chat_completion_requests r where r.attribution_status = 'pending')
+    from app_private.attribution_latency l
+   order by l.le
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: For /metrics: the attribution latency histogram as Prometheus wants it (cumulative counts per upper bound, the sum), and how long the oldest pending row has waited (NULL when none).
 
 CREATE OR REPLACE FUNCTION app_private.attribution_metrics()
  RETURNS app_private.attribution_metrics
@@ -832,6 +871,26 @@ $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: True when the calling role (the role setting, or the session user when none is set) has the privileges of keytrack_admin: the service maps ADMIN_API_KEY and admin users to it; the owner and superusers count too. Correct inside security definer functions.
 
+CREATE OR REPLACE FUNCTION app_private.observe_attribution_latency(seconds double precision[])
+ RETURNS void
+ LANGUAGE sql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+  with bounds as (
+    select b.le, lag(b.le) over (order by b.le) as above from app_private.attribution_latency b
+  ), counted as (
+    select b.le, count(s) as n, coalesce(sum(s), 0) as total
+      from bounds b join unnest(seconds) s on s <= b.le and (b.above is null or s > b.above)
+     group by b.le
+  )
+  update app_private.attribution_latency l
+     set observations = l.observations + c.n, sum_seconds = l.sum_seconds + c.total, updated_at = now()
+    from counted c where l.le = c.le
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Adds latencies (seconds) to the attribution latency histogram; one call per retry batch.
+
 CREATE OR REPLACE FUNCTION app_private.refresh_attribution_rollups()
  RETURNS app_private.attribution_rollup_refresh_result
  LANGUAGE plpgsql
@@ -949,6 +1008,7 @@ CREATE OR REPLACE FUNCTION app_private.resolve_pending_attributions(batch_size i
 AS $function$
 declare
   v_result app_private.attribution_retry_result;
+  v_latencies double precision[];
 begin
   if batch_size is null or batch_size < 1 or batch_size > 100000 then
     raise exception 'batch_size must be between 1 and 100000, got %', batch_size using errcode = '22023';
@@ -1001,18 +1061,22 @@ begin
         then as_of + least(max_delay, base_delay * power(2, least(l.attempts - 1, 30))) end
     from looked_up l
     where r.id = l.id and r.created_at = l.created_at
-    returning r.attribution_status
+    returning r.attribution_status, greatest(extract(epoch from as_of - r.created_at), 0)::double precision as latency
   )
   select count(*)::int,
          count(*) filter (where attribution_status = 'resolved')::int,
          count(*) filter (where attribution_status = 'failed')::int,
-         count(*) filter (where attribution_status = 'pending')::int
-    into v_result.examined, v_result.resolved, v_result.failed, v_result.still_pending
+         count(*) filter (where attribution_status = 'pending')::int,
+         array_agg(latency) filter (where attribution_status <> 'pending')
+    into v_result.examined, v_result.resolved, v_result.failed, v_result.still_pending, v_latencies
     from updated;
   if v_result.examined > 0 then
     perform app_private.count_attribution_events(
       array['retry_resolved', 'retry_still_pending', 'retry_failed'],
       array[v_result.resolved, v_result.still_pending, v_result.failed]::bigint[]);
+  end if;
+  if v_latencies is not null then
+    perform app_private.observe_attribution_latency(v_latencies);
   end if;
   -- A woken hash is done once no pending row presents it (rows another worker holds keep it).
   delete from app_private.attribution_wakes w
@@ -1032,7 +1096,7 @@ begin
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: The retry worker's body: takes up to batch_size pending rows, first those whose key was imported since (app_private.attribution_wakes), then those due by as_of (FOR UPDATE SKIP LOCKED: workers run in parallel and never wait on a row), and looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Counts the outcomes in app_private.attribution_events (one upsert per batch), removes the woken hashes that no pending row presents any more, and reschedules the worker (at once while woken rows remain). Idempotent.
+-- comment: The retry worker's body: takes up to batch_size pending rows, first those whose key was imported since (app_private.attribution_wakes), then those due by as_of (FOR UPDATE SKIP LOCKED: workers run in parallel and never wait on a row), and looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Counts the outcomes in app_private.attribution_events and the latency of every row it resolves or fails in app_private.attribution_latency (one upsert each per batch), removes the woken hashes that no pending row presents any more, and reschedules the worker (at once while woken rows remain). Idempotent.
 
 CREATE OR REPLACE FUNCTION app_private.run_attribution_backfill_batch(backfill_id bigint)
  RETURNS app_public.attribution_backfills
@@ -1569,6 +1633,34 @@ $function$;
 -- comment: @behavior -queryField
 Requests created in [since, until) counted per hour (date_trunc('hour', created_at) in the session's time zone) and attribution outcome: settled rollups where they apply, raw rows for everything else, all in one snapshot, so the result always equals a scan of the raw rows. The same key can appear in several rows: sum them. Admins and analysts get rollups; other callers scan raw rows through their row-level security.
 
+CREATE OR REPLACE FUNCTION app_public.attribution_latency_report(hours integer DEFAULT 24)
+ RETURNS TABLE(attributed_after_retry bigint, p50_seconds double precision, p99_seconds double precision, max_seconds double precision, pending bigint, oldest_pending_seconds double precision)
+ LANGUAGE plpgsql
+ STABLE
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_since timestamptz;
+begin
+  if hours is null or hours < 1 or hours > 168 then
+    raise exception 'hours must be between 1 and 168, got %', hours using errcode = '22023';
+  end if;
+  v_since := now() - make_interval(hours => hours);
+  return query
+  select count(*),
+         percentile_cont(0.5) within group (order by extract(epoch from r.attributed_at - r.created_at))::double precision,
+         percentile_cont(0.99) within group (order by extract(epoch from r.attributed_at - r.created_at))::double precision,
+         max(extract(epoch from r.attributed_at - r.created_at))::double precision,
+         (select count(*) from app_public.chat_completion_requests p where p.attribution_status = 'pending'),
+         (select extract(epoch from now() - min(p.created_at))::double precision
+            from app_public.chat_completion_requests p where p.attribution_status = 'pending')
+    from app_public.chat_completion_requests r
+   where r.created_at >= v_since and r.attribution_method = 'retry';
+end;
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
+-- comment: How long attribution took for the rows that arrived in the last `hours` hours (1..168) and were resolved by the retry worker: how many, p50, p99 and max seconds from arrival to attribution; and the rows still pending, with how long the oldest has waited.
+
 CREATE OR REPLACE FUNCTION app_public.attribution_offenders(hours integer DEFAULT 24, max_rows integer DEFAULT 20)
  RETURNS SETOF app_public.attribution_offender
  LANGUAGE plpgsql
@@ -1798,6 +1890,115 @@ end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_owner=X/keytrack_owner
 -- comment: Registers a key issued by another system by its hash (sha256(convert_to(key, 'UTF8'))), for gateways that bring their own keys. When pending requests presented it, notes the hash in app_private.attribution_wakes and wakes the retry worker, which resolves them at once; it locks no ledger row, so it never deadlocks with the worker or a backfill. Admins only.
+
+CREATE OR REPLACE FUNCTION app_public.import_api_keys(keys jsonb)
+ RETURNS SETOF app_public.api_key_import_result
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_entry jsonb;
+  v_pos integer := 0;
+  v_hex text;
+  v_hash bytea;
+  v_user uuid;
+  v_env text;
+  v_expires timestamptz;
+  v_existing record;
+  v_key_id uuid;
+  v_woken boolean := false;
+  v_result app_public.api_key_import_result;
+begin
+  if not app_private.is_admin() then
+    raise exception 'only admins may import keys' using errcode = '42501';
+  end if;
+  if keys is null or jsonb_typeof(keys) <> 'array' then
+    raise exception 'keys must be a JSON array of objects {"key_hash": "<64 hex digits>", "user_id" or "user_email", "name", "environment", "prefix", "last4", "expires_at"}'
+      using errcode = '22023';
+  end if;
+  if jsonb_array_length(keys) > 100000 then
+    raise exception 'at most 100000 keys per call, got %', jsonb_array_length(keys) using errcode = '54000';
+  end if;
+  for v_entry in select value from jsonb_array_elements(keys) loop
+    v_pos := v_pos + 1;
+    v_result := row(v_pos, null, 'refused', null, null);
+    begin
+      if jsonb_typeof(v_entry) <> 'object' then
+        v_result.reason := 'not an object';
+        return next v_result;
+        continue;
+      end if;
+      if v_entry ? 'key' or v_entry ? 'secret' then
+        v_result.reason := 'plaintext keys are not accepted: give key_hash, the hex SHA-256 of the key''s UTF-8 bytes';
+        return next v_result;
+        continue;
+      end if;
+      v_hex := lower(v_entry ->> 'key_hash');
+      v_result.key_hash_hex := v_hex;
+      if v_hex is null or v_hex !~ '^[0-9a-f]{64}$' then
+        v_result.reason := 'key_hash must be 64 hex digits (the SHA-256 of the key)';
+        return next v_result;
+        continue;
+      end if;
+      v_hash := decode(v_hex, 'hex');
+      if v_entry ? 'user_id' then
+        select u.id into v_user from app_public.users u where u.id = (v_entry ->> 'user_id')::uuid;
+      else
+        select u.id into v_user from app_public.users u where lower(u.email) = lower(v_entry ->> 'user_email');
+      end if;
+      if v_user is null then
+        v_result.reason := 'no such user (give user_id or user_email of an existing user)';
+        return next v_result;
+        continue;
+      end if;
+      v_env := coalesce(v_entry ->> 'environment', 'live');
+      if v_env not in ('live', 'test') then
+        v_result.reason := format('environment must be live or test, got %s', v_env);
+        return next v_result;
+        continue;
+      end if;
+      v_expires := (v_entry ->> 'expires_at')::timestamptz;
+      select s.api_key_id, k.user_id into v_existing
+        from app_private.api_key_secrets s join app_public.api_keys k on k.id = s.api_key_id
+       where s.key_hash = v_hash;
+      if found then
+        v_result.outcome := 'already_present';
+        v_result.api_key_id := v_existing.api_key_id;
+        v_result.reason := case when v_existing.user_id = v_user then 'registered with this user'
+                                else 'registered with another user: not changed' end;
+        return next v_result;
+        continue;
+      end if;
+      insert into app_public.api_keys (user_id, name, prefix, last4, environment, source, expires_at)
+        values (v_user, coalesce(v_entry ->> 'name', 'imported'), v_entry ->> 'prefix', v_entry ->> 'last4', v_env, 'imported', v_expires)
+        returning id into v_key_id;
+      insert into app_private.api_key_secrets (api_key_id, key_hash) values (v_key_id, v_hash);
+      if exists (select 1 from app_public.chat_completion_requests r
+                  where r.attribution_status = 'pending' and r.api_key_hash = v_hash) then
+        insert into app_private.attribution_wakes (key_hash) values (v_hash)
+          on conflict on constraint attribution_wakes_pkey do nothing;
+        v_woken := true;
+      end if;
+      v_result.outcome := 'imported';
+      v_result.api_key_id := v_key_id;
+      return next v_result;
+    exception
+      -- A bad value in one entry (a malformed uuid or timestamp, a too long name) refuses that entry only.
+      when invalid_text_representation or datetime_field_overflow or invalid_datetime_format
+        or check_violation or string_data_right_truncation or unique_violation then
+        v_result.outcome := 'refused';
+        v_result.reason := sqlerrm;
+        return next v_result;
+    end;
+  end loop;
+  if v_woken then
+    perform app_private.schedule_attribution_retry(now());
+  end if;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Registers many keys issued by another system by their hashes, in one call (npm run keys:import uses it): keys is a JSON array of {"key_hash": hex SHA-256, "user_id" or "user_email", "name", "environment", "prefix", "last4", "expires_at"}. Returns one result per entry: imported, already_present (idempotent: nothing changed) or refused with the reason; never a plaintext key. Wakes the pending rows that presented the imported keys, once. Admins only.
 
 CREATE OR REPLACE FUNCTION app_public.revoke_api_key(api_key_id uuid)
  RETURNS app_public.api_keys
