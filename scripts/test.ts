@@ -55,14 +55,22 @@ async function main(): Promise<number> {
   }
 }
 
-/** Databases of earlier runs that were killed before their cleanup (their process is gone). */
+/**
+ * Databases of earlier runs that were killed before their cleanup: their process is gone and
+ * none of the run's databases has a connection (a run in another pid namespace, whose process
+ * this one cannot see, is still connected to its databases while it runs).
+ */
 async function dropLeftovers(rootUrl: string): Promise<void> {
   await withClient(rootUrl, async (c) => {
     const { rows } = await c.query<{ datname: string }>(
       "select datname from pg_database where datname ~ '^kt_(template|t)_[0-9]+_'");
+    const { rows: busy } = await c.query<{ run: string }>(
+      "select distinct substring(datname from '^kt_(?:template|t)_([0-9]+_[0-9a-z]+)') as run from pg_stat_activity where datname ~ '^kt_(template|t)_[0-9]+_'");
+    const busyRuns = new Set(busy.map((b) => b.run));
     for (const { datname } of rows) {
       const pid = Number(/^kt_(?:template|t)_(\d+)_/.exec(datname)![1]);
-      if (pid === process.pid || processAlive(pid)) continue;
+      const run = /^kt_(?:template|t)_(\d+_[0-9a-z]+)/.exec(datname)![1]!;
+      if (pid === process.pid || processAlive(pid) || busyRuns.has(run)) continue;
       await c.query(`alter database ${pg.escapeIdentifier(datname)} is_template false`);
       await c.query(`drop database if exists ${pg.escapeIdentifier(datname)} with (force)`);
     }

@@ -2,8 +2,8 @@
  * One request, exactly one row: a RequestEntry is opened when a request is
  * accepted (authenticated, valid) and settled once with its outcome, after the
  * response has ended. Recording runs off the client's critical path through the
- * one recording path (ctx.recorder: retries, then the durable spool); its
- * failures are logged, never thrown.
+ * one recording path (ctx.recorder: retries, then the durable spool, then
+ * memory); its failures are logged (and counted by the recorder), never thrown.
  */
 import type { AppContext } from "../context.js";
 import type { RequestRecord } from "../recording/types.js";
@@ -59,6 +59,7 @@ export class RequestEntry {
       try {
         const result = await recorder.record(row);
         if (result.outcome === "spooled") log.warn("request row spooled", { requestId: row.requestId, error: result.error });
+        else if (result.outcome === "buffered") log.warn("request row held in memory (database and spool unavailable)", { requestId: row.requestId, error: result.error });
       } catch (err) {
         // Only the request id and the error: never the key, nor its hash.
         log.error("request row could not be recorded", { requestId: row.requestId, status: row.status, error: err });

@@ -5,6 +5,12 @@
  * - the database-derived series (dbMetrics.ts), read at scrape time;
  * - keytrack_database_up: did the database answer that read;
  * - keytrack_spool_depth: rows in this process's durable spool;
+ * - keytrack_record_buffered: rows held in memory (neither the database nor
+ *   the spool could take them);
+ * - keytrack_record_dropped_total{reason}: rows not in the ledger, by reason
+ *   (every reason exported, 0 included, so increase() works from the start);
+ * - keytrack_auth_stale_total: requests let in on a key's last known good
+ *   answer while the database could not be asked;
  * - keytrack_worker_jobs_total{task, outcome}: this process's worker jobs;
  * - http_request_duration_seconds{method, route, status_code};
  * - the default process and Node.js metrics.
@@ -21,6 +27,7 @@
 import client from "prom-client";
 
 import type { AppContext } from "../context.js";
+import { DROP_REASONS } from "../recording/types.js";
 import { DB_COLUMNS, DB_METRICS, type DbMetricName, mapAttributionMetrics } from "./dbMetrics.js";
 import { DbMetricsSource, type DbSourceOptions, type MetricsPool } from "./dbSource.js";
 import type { WorkerJobCounts } from "./workerJobs.js";
@@ -44,7 +51,7 @@ export interface CreateMetricsOptions extends DbSourceOptions {
 }
 
 export function createMetrics(
-  ctx: Pick<AppContext, "pools" | "log" | "recorder">,
+  ctx: Pick<AppContext, "pools" | "log" | "recorder" | "auth">,
   options: CreateMetricsOptions = {},
 ): KeytrackMetrics {
   const registry = new client.Registry();
@@ -114,6 +121,38 @@ export function createMetrics(
     registers: [registry],
     collect() {
       this.set(ctx.recorder.spoolDepth());
+    },
+  });
+
+  new client.Gauge({
+    name: "keytrack_record_buffered",
+    help: "Request rows this process holds in memory because neither the database nor its spool could take them (database down and disk full); retried until one does. New chat requests are refused (503) while it is above 0.",
+    registers: [registry],
+    collect() {
+      this.set(ctx.recorder.bufferedRows());
+    },
+  });
+
+  new client.Counter({
+    name: "keytrack_record_dropped_total",
+    help: "Served requests whose row is not in the ledger, by reason: rejected_by_database (refused for good; kept in the spool's rejected.jsonl), corrupt_spool_line (kept raw in rejected.jsonl), memory_full and shutdown (lost: neither the database, the spool nor memory could keep them).",
+    labelNames: ["reason"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      const dropped = ctx.recorder.dropped();
+      for (const reason of DROP_REASONS) this.inc({ reason }, dropped[reason] ?? 0);
+    },
+  });
+
+  new client.Counter({
+    name: "keytrack_auth_stale_total",
+    help: "Requests let in on an API key's last known good answer (AUTH_STALE_MAX_MS) while the database could not be asked, since this process started.",
+    registers: [registry],
+    collect() {
+      this.reset();
+      // A context without the authenticator (tests of the registry alone) exports 0.
+      this.inc(ctx.auth?.staleServed() ?? 0);
     },
   });
 

@@ -5,14 +5,28 @@
 // "spooled", so the service keeps answering while the database is down. The
 // spool is replayed in order on a timer and right after any successful write;
 // replayed rows carry spooled_at. request_id makes every re-insert a no-op, so
-// retries and replays never duplicate a row. Permanent errors (the row itself
-// is bad) are not retried: record() rejects with a PermanentRecordError.
+// retries and replays never duplicate a row.
+//
+// Every row is made storable first (storable.ts: no NUL, lengths within the
+// columns' bounds), so the database refuses nothing the gateway produces.
+// Permanent errors (the row itself is bad) are not retried: the row is kept in
+// the spool's rejected.jsonl, counted (dropped, rejected_by_database), and
+// record() rejects with a PermanentRecordError.
+//
+// When neither the database nor the spool can take a row (database down and
+// disk full), it is held in memory (at most MAX_BUFFERED_ROWS rows and
+// MAX_BUFFERED_BYTES) and retried, database first, then the spool, on the
+// replay timer until one takes it; record() resolves "buffered". While any row
+// is held, accepting() is false and the gateway refuses new requests (503)
+// before serving them. A row that does not fit in the buffer is the one way a
+// row is lost: it is logged and counted (memory_full).
 import type pg from "pg";
 
 import type { Logger } from "../log.js";
 import { backoffDelay, describeError, isTransientError, mayHaveCommitted, sleep, sqlStateOf, type RetryPolicy } from "./retry.js";
-import { Spool, type SpoolEntry, type ReplayVerdict } from "./spool.js";
-import { PermanentRecordError, type RecordOutcome, type Recorder, type RequestRecord } from "./types.js";
+import { Spool, type SpoolEntry, type SpoolOptions, type ReplayVerdict } from "./spool.js";
+import { storableRecord } from "./storable.js";
+import { PermanentRecordError, type DropReason, type RecordOutcome, type Recorder, type RequestRecord } from "./types.js";
 
 export interface RecorderOptions {
   /** The owner pool, or a function returning the pool to use now (lets tests and failover swap it). */
@@ -35,12 +49,20 @@ export interface RecorderOptions {
   replayIntervalMs?: number;
   /** The clock for spooled_at. */
   now?: () => Date;
+  /** Tests only: simulated write failures of the spool (e.g. ENOSPC), see SpoolOptions.fault. */
+  spoolFault?: SpoolOptions["fault"];
+  /** Tests only: smaller bounds for the in-memory buffer (default MAX_BUFFERED_ROWS, MAX_BUFFERED_BYTES). */
+  bufferLimits?: { rows?: number; bytes?: number };
 }
 
 export const DEFAULT_RECORD_ATTEMPTS = 3;
 export const DEFAULT_RECORD_BASE_DELAY_MS = 100;
 export const DEFAULT_ATTEMPT_TIMEOUT_MS = 5000;
 export const DEFAULT_REPLAY_INTERVAL_MS = 2000;
+/** Rows held in memory at most while neither the database nor the spool can take them. */
+export const MAX_BUFFERED_ROWS = 100_000;
+/** ...and bytes at most (an estimate of their size in memory). */
+export const MAX_BUFFERED_BYTES = 64 * 1024 * 1024;
 
 export const INSERT_REQUEST_SQL = `
   insert into app_public.chat_completion_requests
@@ -48,8 +70,12 @@ export const INSERT_REQUEST_SQL = `
      output_tokens, processing_time_ms, status, error_message, attribution_reason, spooled_at)
   values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`;
 
-/** Parameters of INSERT_REQUEST_SQL; spooledAt is set for rows replayed from the spool. */
-export function insertValues(r: RequestRecord, spooledAt: Date | null = null): unknown[] {
+/**
+ * Parameters of INSERT_REQUEST_SQL, every value made storable (storable.ts);
+ * spooledAt is set for rows replayed from the spool or held in memory.
+ */
+export function insertValues(row: RequestRecord, spooledAt: Date | null = null): unknown[] {
+  const r = storableRecord(row);
   return [
     r.requestId, r.createdAt, r.apiKeyHash, r.apiKeyId ?? null, r.userId ?? null, r.model, r.provider,
     r.inputTokens, r.outputTokens, r.processingTimeMs, r.status, r.errorMessage, r.attributionReason ?? null,
@@ -93,6 +119,18 @@ function permanentError(row: RequestRecord, err: unknown): PermanentRecordError 
   );
 }
 
+/** A row held in memory: to be inserted or spooled, or (rejection set) to be written to rejected.jsonl. */
+interface Held {
+  entry: SpoolEntry;
+  /** Rough size in memory, for MAX_BUFFERED_BYTES. */
+  bytes: number;
+  rejection: { error: string; code?: string } | null;
+}
+
+function heldSize(row: RequestRecord): number {
+  return 600 + 2 * ((row.model?.length ?? 0) + (row.provider?.length ?? 0) + (row.errorMessage?.length ?? 0) + row.requestId.length);
+}
+
 /** Opens the spool under dataDir (throws if another live process holds it) and starts replaying it. */
 export function createRecorder(options: RecorderOptions): Recorder {
   const log = options.log;
@@ -106,7 +144,12 @@ export function createRecorder(options: RecorderOptions): Recorder {
   const poolOption = options.pool;
   const currentPool = typeof poolOption === "function" ? poolOption : () => poolOption;
 
-  const spool = Spool.open(options.dataDir, log);
+  const limits = {
+    rows: positiveInt("bufferLimits.rows", options.bufferLimits?.rows, MAX_BUFFERED_ROWS),
+    bytes: positiveInt("bufferLimits.bytes", options.bufferLimits?.bytes, MAX_BUFFERED_BYTES),
+  };
+
+  const spool = Spool.open(options.dataDir, log, { fault: options.spoolFault });
 
   let closed = false;
   let closing: Promise<void> | null = null;
@@ -116,6 +159,118 @@ export function createRecorder(options: RecorderOptions): Recorder {
   /** True from the first spooled row until the spool is drained: one warning per outage, not one per row. */
   let degraded = spool.depth > 0;
 
+  /** Rows neither the database nor the spool could take, in arrival order (appended at the end only). */
+  let heldRows: Held[] = [];
+  /** Rows the database refused for good whose rejected.jsonl line could not be written yet. */
+  let heldRejections: Held[] = [];
+  let heldBytes = 0;
+  /** True from the first row held until none is: one error per episode, not one per row. */
+  let buffering = false;
+  const lost = { memory_full: 0, shutdown: 0 };
+  const heldCount = () => heldRows.length + heldRejections.length;
+
+  /** Keeps a row in memory; false (the row is lost, counted and logged) when the buffer is full. */
+  function hold(h: Held, error: string): boolean {
+    if (heldCount() + 1 > limits.rows || heldBytes + h.bytes > limits.bytes) {
+      lost.memory_full++;
+      const r = h.entry.row;
+      log.error("request row LOST: neither the database nor the spool can take it and the memory buffer is full", {
+        requestId: r.requestId, createdAt: r.createdAt.toISOString(), model: r.model, status: r.status,
+        inputTokens: r.inputTokens, outputTokens: r.outputTokens, buffered: heldCount(), error,
+      });
+      return false;
+    }
+    (h.rejection ? heldRejections : heldRows).push(h);
+    heldBytes += h.bytes;
+    if (!buffering) {
+      buffering = true;
+      log.error("neither the database nor the spool can take request rows: holding them in memory and retrying; new requests are refused (503) until one of them works", {
+        error, spool: spool.paths.dir,
+      });
+    }
+    scheduleReplay();
+    return true;
+  }
+
+  /** Keeps a row the database refused for good in rejected.jsonl (or in memory until that file can be written). */
+  async function rejectRow(entry: SpoolEntry, permanent: PermanentRecordError): Promise<void> {
+    try {
+      await spool.reject(entry, permanent.message, permanent.code);
+      log.error("request row refused by the database (not retried): kept in rejected.jsonl", {
+        requestId: entry.row.requestId, code: permanent.code, error: permanent.message, rejected: spool.paths.rejected,
+      });
+    } catch (err) {
+      log.error("request row refused by the database (not retried); rejected.jsonl cannot be written: held in memory until it can", {
+        requestId: entry.row.requestId, code: permanent.code, error: permanent.message, writeError: describeError(err),
+      });
+      hold({ entry, bytes: heldSize(entry.row), rejection: { error: permanent.message, code: permanent.code } }, describeError(err));
+    }
+  }
+
+  /**
+   * Retries the rows held in memory: refused rows to rejected.jsonl; the
+   * others into the database, in order, until it fails, then what is left to
+   * the spool. Resolves with the rows inserted. Runs inside a replay pass
+   * (never two at once); hold() only appends meanwhile.
+   */
+  async function drainHeld(): Promise<number> {
+    let written = 0;
+    let n = 0;
+    for (; n < heldRejections.length; n++) {
+      const h = heldRejections[n]!;
+      try {
+        await spool.reject(h.entry, h.rejection!.error, h.rejection!.code);
+      } catch {
+        break;
+      }
+      heldBytes -= h.bytes;
+    }
+    heldRejections.splice(0, n);
+
+    n = 0;
+    let dbError: unknown = null;
+    for (; n < heldRows.length; n++) {
+      const h = heldRows[n]!;
+      try {
+        if (await insertOnce(h.entry.row, h.entry.spooledAt)) written++;
+      } catch (err) {
+        if (isTransientError(err)) {
+          dbError = err;
+          break;
+        }
+        await rejectRow(h.entry, permanentError(h.entry.row, err));
+      }
+      heldBytes -= h.bytes;
+    }
+    heldRows.splice(0, n);
+
+    if (heldRows.length > 0) {
+      // The database is still down: the spool then, all at once (one write, one fsync).
+      const batch = heldRows.slice();
+      const results = await Promise.allSettled(batch.map((h) => spool.append(h.entry)));
+      const failed = batch.filter((_, i) => results[i]!.status === "rejected");
+      for (const [i, h] of batch.entries()) if (results[i]!.status === "fulfilled") heldBytes -= h.bytes;
+      heldRows = [...failed, ...heldRows.slice(batch.length)];
+      if (failed.length < batch.length) {
+        log.info("request rows held in memory moved to the spool", { rows: batch.length - failed.length, stillHeld: heldCount() });
+        if (!degraded) {
+          degraded = true;
+          log.warn("database unavailable: spooling request rows to disk, they will be replayed", { error: describeError(dbError), spool: spool.paths.requests });
+        }
+      } else {
+        log.debug("request rows held in memory: the database and the spool still fail", {
+          held: heldCount(), database: describeError(dbError), spool: describeError((results[0] as PromiseRejectedResult).reason),
+        });
+      }
+    }
+    if (written > 0) log.info("request rows held in memory written to the database", { written, stillHeld: heldCount() });
+    if (buffering && heldCount() === 0) {
+      buffering = false;
+      log.info("no request rows held in memory any more: accepting requests again");
+    }
+    return written;
+  }
+
   /** One try: true when a row was inserted, false when its request_id was already recorded. */
   async function insertOnce(row: RequestRecord, spooledAt: Date | null): Promise<boolean> {
     const pending = Promise.resolve().then(() => currentPool().query(INSERT_REQUEST_SQL, insertValues(row, spooledAt)));
@@ -124,19 +279,21 @@ export function createRecorder(options: RecorderOptions): Recorder {
     return (result.rowCount ?? 0) > 0;
   }
 
-  async function recordRow(row: RequestRecord): Promise<RecordOutcome> {
+  async function recordRow(input: RequestRecord): Promise<RecordOutcome> {
+    // What the spool, rejected.jsonl and memory keep is the row as it is inserted.
+    const row = storableRecord(input);
     let lastError: unknown;
     let maybeWritten = false;
     for (let attempt = 1; attempt <= policy.attempts; attempt++) {
       try {
         const inserted = await insertOnce(row, null);
-        if (spool.depth > 0) kickReplay();
+        if (spool.depth > 0 || heldCount() > 0) kickReplay();
         // 0 rows after a try that may have committed: that try wrote it, not someone before us.
         return { outcome: inserted || maybeWritten ? "recorded" : "duplicate", attempts: attempt };
       } catch (err) {
         if (!isTransientError(err)) {
           const permanent = permanentError(row, err);
-          log.error("request row refused by the database (not retried)", { requestId: row.requestId, code: permanent.code, error: permanent.message });
+          await rejectRow({ row, spooledAt: now() }, permanent);
           throw permanent;
         }
         lastError = err;
@@ -149,7 +306,17 @@ export function createRecorder(options: RecorderOptions): Recorder {
       }
     }
     const error = describeError(lastError);
-    await spool.append({ row, spooledAt: now() });
+    const entry: SpoolEntry = { row, spooledAt: now() };
+    try {
+      await spool.append(entry);
+    } catch (spoolError) {
+      const both = `${error}; spool: ${describeError(spoolError)}`;
+      if (!hold({ entry, bytes: heldSize(row), rejection: null }, both)) {
+        throw new Error(`request ${row.requestId} was not recorded: the database and the spool fail (${both}) and the memory buffer is full`, { cause: spoolError });
+      }
+      log.debug("request row held in memory", { requestId: row.requestId, error: both, buffered: heldCount() });
+      return { outcome: "buffered", attempts: policy.attempts, error: both };
+    }
     if (!degraded) {
       degraded = true;
       log.warn("database unavailable: spooling request rows to disk, they will be replayed", { error, spool: spool.paths.requests });
@@ -178,6 +345,7 @@ export function createRecorder(options: RecorderOptions): Recorder {
   }
 
   async function replayPass(): Promise<number> {
+    const fromMemory = heldCount() > 0 ? await drainHeld() : 0;
     const counts = { written: 0, duplicates: 0, stopError: null as string | null };
     const pass = await spool.replay((entry) => replayEntry(entry, counts), () => closed);
     if (pass.processed > 0) {
@@ -186,18 +354,19 @@ export function createRecorder(options: RecorderOptions): Recorder {
       });
     }
     if (counts.stopError) log.debug("spool replay stopped: database still unavailable", { error: counts.stopError, remaining: spool.depth });
-    if (degraded && spool.depth === 0) {
+    if (pass.error) log.debug("spool replay stopped: a refused row could not be moved to rejected.jsonl", { error: pass.error, remaining: spool.depth });
+    if (degraded && spool.depth === 0 && heldRows.length === 0) {
       degraded = false;
       log.info("database available again: spool drained");
     }
-    return counts.written;
+    return fromMemory + counts.written;
   }
 
   function replay(): Promise<number> {
     if (closed) return Promise.resolve(0);
     if (replayRun) {
       // A pass is running: wait for it, then go again for what it may have left.
-      return replayRun.then(async (n) => n + (spool.depth > 0 ? await replay() : 0));
+      return replayRun.then(async (n) => n + (spool.depth > 0 || heldCount() > 0 ? await replay() : 0));
     }
     if (timer) {
       clearTimeout(timer);
@@ -217,7 +386,7 @@ export function createRecorder(options: RecorderOptions): Recorder {
   }
 
   function scheduleReplay(): void {
-    if (closed || timer || replayRun || spool.depth === 0) return;
+    if (closed || timer || replayRun || (spool.depth === 0 && heldCount() === 0)) return;
     timer = setTimeout(() => {
       timer = null;
       kickReplay();
@@ -238,6 +407,18 @@ export function createRecorder(options: RecorderOptions): Recorder {
       return p;
     },
     spoolDepth: () => spool.depth,
+    bufferedRows: heldCount,
+    accepting: () => !closed && heldCount() === 0,
+    dropped() {
+      const rejected = spool.rejected;
+      const counts: Record<DropReason, number> = {
+        rejected_by_database: rejected.database,
+        corrupt_spool_line: rejected.corrupt,
+        memory_full: lost.memory_full,
+        shutdown: lost.shutdown,
+      };
+      return Object.fromEntries(Object.entries(counts).filter(([, n]) => n > 0)) as Partial<Record<DropReason, number>>;
+    },
     replay,
     close(): Promise<void> {
       closing ??= (async () => {
@@ -247,6 +428,18 @@ export function createRecorder(options: RecorderOptions): Recorder {
         // Rows being recorded still reach the database or the spool; a replay stops after its current row.
         await Promise.allSettled([...inFlight]);
         if (replayRun) await replayRun.catch(() => {});
+        // A last chance for rows held in memory.
+        if (heldCount() > 0) await drainHeld().catch((err) => log.error("rows held in memory could not be retried at shutdown", { error: err }));
+        const left = [...heldRows, ...heldRejections];
+        if (left.length > 0) {
+          lost.shutdown += left.length;
+          log.error("request rows LOST at shutdown: neither the database nor the spool could take them", {
+            rows: left.length, requestIds: left.slice(0, 100).map((h) => h.entry.row.requestId),
+          });
+          heldRows = [];
+          heldRejections = [];
+          heldBytes = 0;
+        }
         await spool.close();
       })();
       return closing;

@@ -7,6 +7,9 @@
 //                    one write and one fsync, in call order).
 //   requests.offset  {"offset": N}: the lines before byte N are replayed. Written
 //                    to a temp file, fsynced, renamed over, directory fsynced.
+//                    Absent: 0. Writing it may fail (disk full): that is not an
+//                    error of the replay, only a lag (see below); it is tried
+//                    again at the next commit point.
 //   rejected.jsonl   lines the database refused for good (bad data) or that do
 //                    not parse, with the reason: never silently dropped.
 //   lock             the owner's pid.
@@ -15,9 +18,20 @@
 // so the offset may lag behind what was replayed: a crash in between replays a
 // few rows again, harmlessly. It never runs ahead: a row counts as replayed only
 // after the database took it (or it was moved to rejected.jsonl, fsynced).
-// When everything is replayed the file is emptied: the offset goes to 0 first,
-// then the file is truncated, so a crash in between replays old rows again
-// (duplicates, ignored) but never skips a new one.
+// In this process the position in memory is the truth, so a replay whose offset
+// cannot be persisted goes on, applying each line once; only a restart would
+// replay from the older offset on disk (duplicates, ignored by the database).
+// When everything is replayed the file is emptied: the offset file is removed
+// first (offset 0; removing needs no free space, so a full disk cannot keep the
+// spool from being emptied, which is what frees the disk), then the file is
+// truncated, so a crash in between replays old rows again (duplicates,
+// ignored) but never skips a new one.
+//
+// Writes can fail (ENOSPC, EIO): a failed append rejects its callers (the
+// recorder then keeps the rows in memory) and the half-written tail is cut off
+// before the next write; a failed rejected.jsonl write stops the replay at that
+// line, which stays in the spool. Tests simulate such failures with the
+// `fault` option (SpoolOptions), never by filling a disk.
 import fs from "node:fs";
 import path from "node:path";
 
@@ -43,9 +57,39 @@ export type ReplayVerdict =
 export interface ReplayPass {
   /** Entries taken off the spool (done or rejected). */
   processed: number;
+  /** Entries moved to rejected.jsonl: refused by the database, or corrupt. */
   rejected: number;
+  /** Of `rejected`: lines that did not parse. */
+  corrupt: number;
   /** True when the replayer asked to stop (or shouldStop said so) before the end. */
   stopped: boolean;
+  /** Why the spool itself stopped the pass (a line could not be moved to rejected.jsonl). */
+  error?: string;
+}
+
+/** The spool's writes, as a fault hook sees them. */
+export type SpoolOp =
+  /** A group of lines appended to requests.jsonl (write and fsync). */
+  | "append"
+  /** requests.offset written (temp file, fsync, rename). */
+  | "offset"
+  /** A line appended to rejected.jsonl. */
+  | "rejected";
+
+export interface SpoolOptions {
+  /**
+   * Tests only: called before each write; an error it returns (or throws)
+   * fails that write as the file system would (e.g. `code: "ENOSPC"`).
+   */
+  fault?: (op: SpoolOp) => Error | null | undefined | void;
+}
+
+/** Rows the spool moved to rejected.jsonl since it was opened, by why. */
+export interface RejectedCounts {
+  /** Refused for good by the database (on replay, or handed over by reject()). */
+  database: number;
+  /** Lines that did not parse, and a torn last line found at open. */
+  corrupt: number;
 }
 
 export class SpoolLockedError extends Error {
@@ -252,16 +296,24 @@ export class Spool {
   /** Serialises appends with compaction (both change the file's length). */
   private exclusive: Promise<unknown> = Promise.resolve();
   private replaying = false;
-  private broken: Error | null = null;
+  /** A failed append may have left part of a line at the end: cut it off (back to `size`) before the next write. */
+  private tailDirty = false;
+  /** Serialises writes to rejected.jsonl. */
+  private rejectedChain: Promise<unknown> = Promise.resolve();
+  /** Set while requests.offset cannot be written: one warning per streak. */
+  private offsetFailing = false;
+  private readonly fault: SpoolOptions["fault"];
+  private readonly rejectedCounts: RejectedCounts = { database: 0, corrupt: 0 };
   private closed = false;
 
-  static open(dataDir: string, log: Logger): Spool {
-    return new Spool(spoolPaths(dataDir), log);
+  static open(dataDir: string, log: Logger, options: SpoolOptions = {}): Spool {
+    return new Spool(spoolPaths(dataDir), log, options);
   }
 
-  private constructor(paths: SpoolPaths, log: Logger) {
+  private constructor(paths: SpoolPaths, log: Logger, options: SpoolOptions) {
     this.paths = paths;
     this.log = log;
+    this.fault = options.fault;
     // Rows carry key hashes and request metadata: readable by this user only.
     fs.mkdirSync(paths.dir, { recursive: true, mode: 0o700 });
     this.lock();
@@ -291,10 +343,20 @@ export class Spool {
     return this.lines + this.pending;
   }
 
+  /** Rows moved to rejected.jsonl since the spool was opened (a copy). */
+  get rejected(): RejectedCounts {
+    return { ...this.rejectedCounts };
+  }
+
+  /** Throws the injected fault for this write, if any (tests). */
+  private injected(op: SpoolOp): void {
+    const err = this.fault?.(op);
+    if (err) throw err;
+  }
+
   /** Appends one entry; resolves once it is on disk (fsynced). Order of calls is the order of lines. */
   append(entry: SpoolEntry): Promise<void> {
     if (this.closed) return Promise.reject(new Error("the spool is closed"));
-    if (this.broken) return Promise.reject(this.broken);
     const data = Buffer.from(encodeEntry(entry) + "\n", "utf8");
     this.pending++;
     return new Promise<void>((resolve, reject) => {
@@ -317,16 +379,26 @@ export class Spool {
       const data = Buffer.concat(batch.map((b) => b.data));
       try {
         await this.withExclusive(async () => {
-          if (this.broken) throw this.broken;
+          if (this.tailDirty) {
+            // A partial line at the end would swallow the next one: cut it off first.
+            try {
+              await ftruncateFd(this.appendFd, this.size);
+              this.tailDirty = false;
+            } catch (cutErr) {
+              throw new Error(`the spool file ${this.paths.requests} could not be repaired after a failed write: ${(cutErr as Error).message}`, { cause: cutErr });
+            }
+          }
           try {
+            this.injected("append");
             await writeAll(this.appendFd, data);
             await fsyncFd(this.appendFd);
           } catch (err) {
-            // A partial line at the end would swallow the next one: cut it off.
+            this.tailDirty = true;
             try {
               await ftruncateFd(this.appendFd, this.size);
-            } catch (cutErr) {
-              this.broken = new Error(`the spool file ${this.paths.requests} could not be repaired after a failed write: ${(cutErr as Error).message}`);
+              this.tailDirty = false;
+            } catch {
+              // tried again before the next write
             }
             throw err;
           }
@@ -358,7 +430,7 @@ export class Spool {
     if (this.replaying) throw new Error("a replay of this spool is already running");
     if (this.closed) throw new Error("the spool is closed");
     this.replaying = true;
-    const pass: ReplayPass = { processed: 0, rejected: 0, stopped: false };
+    const pass: ReplayPass = { processed: 0, rejected: 0, corrupt: 0, stopped: false };
     let sinceCommit = 0;
     try {
       outer: while (this.readPos < this.size) {
@@ -394,22 +466,37 @@ export class Spool {
             break outer;
           }
           if (verdict !== "done") {
-            await this.writeRejected({ error: verdict.reject, code: verdict.code, entry, raw: entry ? undefined : text });
+            try {
+              await this.writeRejected({ error: verdict.reject, code: verdict.code, entry, raw: entry ? undefined : text });
+            } catch (err) {
+              // The line stays first in line (in the spool, durable): the next pass tries it again.
+              pass.stopped = true;
+              pass.error = `${this.paths.rejected} could not be written: ${(err as Error).message}`;
+              this.log.error("a spooled row refused for good could not be moved to rejected.jsonl: it stays in the spool, the replay stops there", {
+                requestId: entry?.row.requestId, error: err,
+              });
+              break outer;
+            }
             pass.rejected++;
+            if (entry) this.rejectedCounts.database++;
+            else {
+              pass.corrupt++;
+              this.rejectedCounts.corrupt++;
+            }
           }
           pass.processed++;
           this.lines--;
           from = nl + 1;
           this.readPos = start + from;
           if (++sinceCommit >= COMMIT_EVERY) {
-            await this.commitOffset(this.readPos);
+            await this.tryCommitOffset(this.readPos);
             sinceCommit = 0;
           }
         }
       }
     } finally {
       try {
-        if (this.committed !== this.readPos) await this.commitOffset(this.readPos);
+        if (this.committed !== this.readPos) await this.tryCommitOffset(this.readPos);
       } finally {
         this.replaying = false;
       }
@@ -418,19 +505,43 @@ export class Spool {
     return pass;
   }
 
-  /** Empties requests.jsonl once every line in it is replayed (offset to 0 first, then truncate). */
+  /**
+   * Empties requests.jsonl once every line in it is replayed: the offset file
+   * is removed first (offset 0, and removing needs no free space), then the
+   * file is truncated. False when there was nothing to do, or it failed (logged;
+   * the next drained pass tries again).
+   */
   async compactIfDrained(): Promise<boolean> {
     return this.withExclusive(async () => {
       if (this.closed || this.size === 0 || this.readPos !== this.size) return false;
-      await this.commitOffset(0);
+      try {
+        await fs.promises.rm(this.paths.offset, { force: true });
+        await fsyncDir(this.paths.dir);
+        this.committed = 0;
+        await ftruncateFd(this.appendFd, 0);
+        await fsyncFd(this.appendFd);
+      } catch (err) {
+        // Nothing is lost: the lines are all replayed (readPos), at worst a restart replays them again.
+        this.log.warn("the replayed spool could not be emptied: tried again after the next replay", { file: this.paths.requests, error: err });
+        return false;
+      }
       this.readPos = 0;
-      await ftruncateFd(this.appendFd, 0);
-      await fsyncFd(this.appendFd);
       this.size = 0;
       this.lines = 0;
+      this.tailDirty = false;
       this.log.debug("spool fully replayed: file emptied", { file: this.paths.requests });
       return true;
     });
+  }
+
+  /**
+   * Moves a row the database refused for good (at record time) to
+   * rejected.jsonl; resolves once it is fsynced there, and counts it.
+   */
+  async reject(entry: SpoolEntry, error: string, code?: string): Promise<void> {
+    if (this.closed) throw new Error("the spool is closed");
+    await this.writeRejected({ error, code, entry });
+    this.rejectedCounts.database++;
   }
 
   /** Waits for appends in flight, closes the files and releases the lock. The spool stays on disk. */
@@ -439,6 +550,7 @@ export class Spool {
     this.closed = true; // no new appends; those already queued are still written
     while (this.flushRunning) await this.flushDone;
     await this.exclusive;
+    await this.rejectedChain;
     fs.closeSync(this.appendFd);
     fs.closeSync(this.readFd);
     if (this.rejectedFd !== null) fs.closeSync(this.rejectedFd);
@@ -449,31 +561,75 @@ export class Spool {
 
   private async commitOffset(offset: number): Promise<void> {
     const tmp = this.paths.offset + ".tmp";
-    const handle = await fs.promises.open(tmp, "w", 0o600);
     try {
-      await handle.writeFile(JSON.stringify({ offset }) + "\n");
-      await handle.sync();
-    } finally {
-      await handle.close();
+      this.injected("offset");
+      const handle = await fs.promises.open(tmp, "w", 0o600);
+      try {
+        await handle.writeFile(JSON.stringify({ offset }) + "\n");
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+      await fs.promises.rename(tmp, this.paths.offset);
+    } catch (err) {
+      await fs.promises.rm(tmp, { force: true }).catch(() => {});
+      throw err;
     }
-    await fs.promises.rename(tmp, this.paths.offset);
     await fsyncDir(this.paths.dir);
     this.committed = offset;
   }
 
-  private async writeRejected(r: { error: string; code?: string; entry: SpoolEntry | null; raw?: string }): Promise<void> {
-    if (this.rejectedFd === null) {
-      this.rejectedFd = fs.openSync(this.paths.rejected, "a", 0o600);
-      await fsyncDir(this.paths.dir);
+  /**
+   * commitOffset, for the replay: a failure (disk full) is logged, once per
+   * streak, and left for the next commit point. The offset on disk then lags
+   * behind: only a restart would replay those lines again, and the database
+   * ignores a request_id it already has.
+   */
+  private async tryCommitOffset(offset: number): Promise<boolean> {
+    try {
+      await this.commitOffset(offset);
+    } catch (err) {
+      if (!this.offsetFailing) {
+        this.offsetFailing = true;
+        this.log.warn("the spool offset could not be written: the replay goes on, a restart may replay some rows again (ignored as duplicates)", {
+          file: this.paths.offset, error: err,
+        });
+      }
+      return false;
     }
-    const line = JSON.stringify({
-      rejectedAt: new Date().toISOString(),
-      error: r.error,
-      ...(r.code ? { code: r.code } : {}),
-      ...(r.entry ? { record: JSON.parse(encodeEntry(r.entry)) } : { raw: r.raw }),
+    if (this.offsetFailing) {
+      this.offsetFailing = false;
+      this.log.info("the spool offset is written again", { file: this.paths.offset });
+    }
+    return true;
+  }
+
+  /** Appends one line to rejected.jsonl (fsynced); writes are serialised, a failure leaves no partial line behind. */
+  private writeRejected(r: { error: string; code?: string; entry: SpoolEntry | null; raw?: string }): Promise<void> {
+    const run = this.rejectedChain.then(async () => {
+      const line = JSON.stringify({
+        rejectedAt: new Date().toISOString(),
+        error: r.error,
+        ...(r.code ? { code: r.code } : {}),
+        ...(r.entry ? { record: JSON.parse(encodeEntry(r.entry)) } : { raw: r.raw }),
+      });
+      this.injected("rejected");
+      if (this.rejectedFd === null) {
+        this.rejectedFd = fs.openSync(this.paths.rejected, "a", 0o600);
+        await fsyncDir(this.paths.dir);
+      }
+      const fd = this.rejectedFd;
+      const before = fs.fstatSync(fd).size;
+      try {
+        await writeAll(fd, Buffer.from(line + "\n", "utf8"));
+        await fsyncFd(fd);
+      } catch (err) {
+        await ftruncateFd(fd, before).catch(() => {});
+        throw err;
+      }
     });
-    await writeAll(this.rejectedFd, Buffer.from(line + "\n", "utf8"));
-    await fsyncFd(this.rejectedFd);
+    this.rejectedChain = run.catch(() => {});
+    return run;
   }
 
   /** A crash in the middle of a write leaves a last line without its end: keep it aside, cut it off. */
@@ -498,6 +654,7 @@ export class Spool {
     }
     fs.ftruncateSync(this.appendFd, cut);
     fs.fsyncSync(this.appendFd);
+    this.rejectedCounts.corrupt++;
     this.log.warn("the spool's last line was torn by a crash mid-write: skipped (kept in rejected.jsonl)", { file: this.paths.requests, byte: cut, bytes: size - cut });
     return cut;
   }

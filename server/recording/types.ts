@@ -33,13 +33,50 @@ export type RecordOutcome =
   /** The request id was already recorded: nothing changed. */
   | { outcome: "duplicate"; attempts: number }
   /** The database could not take it; it is in the durable spool and will be replayed. */
-  | { outcome: "spooled"; attempts: number; error: string };
+  | { outcome: "spooled"; attempts: number; error: string }
+  /**
+   * Neither the database nor the spool could take it (database down and disk
+   * full): it is held in memory and retried (both) until one takes it. Not
+   * durable: while any row is held, accepting() is false.
+   */
+  | { outcome: "buffered"; attempts: number; error: string };
+
+/**
+ * Why a served request's row is not in the ledger (keytrack_record_dropped_total{reason}):
+ *
+ * - rejected_by_database: the database refused the row for good; kept in the
+ *   spool's rejected.jsonl, from which an operator can recover it;
+ * - corrupt_spool_line: a spool line that did not parse (or was torn by a crash
+ *   mid-write); kept as raw text in rejected.jsonl;
+ * - memory_full: neither the database nor the spool could take the row and the
+ *   in-memory buffer was full: lost (logged);
+ * - shutdown: still held in memory when the recorder closed, with neither the
+ *   database nor the spool able to take it: lost (logged).
+ */
+export const DROP_REASONS = ["rejected_by_database", "corrupt_spool_line", "memory_full", "shutdown"] as const;
+export type DropReason = (typeof DROP_REASONS)[number];
 
 export interface Recorder {
-  /** Resolves once the row is in the database or durably (fsynced) in the spool. Rejects only for permanent errors (bad data). */
+  /**
+   * Resolves once the row is in the database, durably (fsynced) in the spool,
+   * or, when neither can take it, held in memory ("buffered", retried). Rejects
+   * for a permanent error (PermanentRecordError: the database refuses the row;
+   * it is kept in rejected.jsonl), when the memory buffer is full (the row is
+   * lost, counted as memory_full), and after close().
+   */
   record(row: RequestRecord): Promise<RecordOutcome>;
   /** Rows waiting in the spool. */
   spoolDepth(): number;
+  /** Rows held in memory because neither the database nor the spool could take them. */
+  bufferedRows(): number;
+  /**
+   * Whether a new request may be served: false while rows are held in memory
+   * (neither the database nor the spool works) and after close(). The gateway
+   * answers 503 before serving while it is false.
+   */
+  accepting(): boolean;
+  /** Rows that are not in the ledger, by reason, since the recorder started (reasons with none are left out). */
+  dropped(): Partial<Record<DropReason, number>>;
   /** Replays the spool now (also done automatically); resolves with how many rows were written. */
   replay(): Promise<number>;
   /** Stops timers; the spool stays on disk for the next start. */

@@ -7,6 +7,7 @@ import net from "node:net";
 import pg from "pg";
 
 import { createLogger, type LogLevel, type Logger } from "../../server/log.js";
+import type { SpoolOp } from "../../server/recording/spool.js";
 import type { RequestRecord } from "../../server/recording/types.js";
 import { serverAddressOf, withTcpServer, type ServerAddress } from "../../server/db/urls.js";
 import { waitFor } from "./poll.js";
@@ -73,6 +74,37 @@ export class PgProxy {
     this.cut();
     if (server) await new Promise<void>((resolve) => server.close(() => resolve()));
   }
+}
+
+/** The error a write to a full disk fails with. */
+export function enospc(op: string): NodeJS.ErrnoException {
+  return Object.assign(new Error(`ENOSPC: no space left on device, write (${op}, simulated)`), { code: "ENOSPC", errno: -28, syscall: "write" });
+}
+
+/**
+ * A simulated full disk for a Spool (its `fault` option, createRecorder's
+ * `spoolFault`): while full, the chosen writes fail with ENOSPC. Removing a
+ * file needs no space and is never failed.
+ */
+export class DiskFault {
+  private failing = new Set<SpoolOp>();
+  /** Writes failed so far, by kind. */
+  readonly failures: Record<SpoolOp, number> = { append: 0, offset: 0, rejected: 0 };
+
+  /** The disk is full for these writes (default: every write). */
+  fill(ops: SpoolOp[] = ["append", "offset", "rejected"]): void {
+    this.failing = new Set(ops);
+  }
+
+  free(): void {
+    this.failing.clear();
+  }
+
+  readonly fault = (op: SpoolOp): Error | null => {
+    if (!this.failing.has(op)) return null;
+    this.failures[op]++;
+    return enospc(op);
+  };
 }
 
 /** A logger whose lines (JSON) are kept for assertions. */

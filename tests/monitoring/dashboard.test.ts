@@ -84,6 +84,9 @@ test("the dashboard shows tracking rate, failures by reason, pending, spool and 
   t.true(has(/by \(reason\) \(rate\(api_key_tracking_failures_total/), "failures by reason");
   t.true(has(/keytrack_pending_attributions/) && has(/keytrack_failed_attributions/), "pending and failed");
   t.true(has(/keytrack_spool_depth/), "spool");
+  t.true(has(/keytrack_record_buffered/), "rows held in memory");
+  t.true(has(/by \(instance, reason\) \(increase\(keytrack_record_dropped_total/), "dropped rows by reason");
+  t.true(has(/keytrack_auth_stale_total/), "stale key answers");
   for (const q of ["0.5", "0.95", "0.99"]) {
     t.true(has(new RegExp(`histogram_quantile\\(${q.replace(".", "\\.")}, .*http_request_duration_seconds_bucket`)), `p${q}`);
   }
@@ -120,7 +123,9 @@ test("every alert rule reads only metrics that /metrics exposes", async (t) => {
     for (let j = i + 1; j < lines.length && (lines[j]!.trim() === "" || lines[j]!.search(/\S/) > m[1]!.length); j++) block.push(lines[j]!.trim());
     exprs.push(block.join(" "));
   });
-  t.is(exprs.length, 6);
+  t.is(exprs.length, 8);
+  t.true(exprs.some((e) => /increase\(keytrack_record_dropped_total\[5m\]\) > 0/.test(e)), "an alert for any dropped row");
+  t.true(exprs.some((e) => /keytrack_record_buffered/.test(e)), "an alert for rows held in memory");
   for (const expr of exprs) t.deepEqual(unknownNames(expr), [], expr);
 });
 
@@ -134,6 +139,9 @@ test("the exposition declares each metric with its type", (t) => {
   t.is(exposed.types.get("keytrack_spool_depth"), "gauge");
   t.is(exposed.types.get("keytrack_database_up"), "gauge");
   t.is(exposed.types.get("keytrack_worker_jobs_total"), "counter");
+  t.is(exposed.types.get("keytrack_record_dropped_total"), "counter");
+  t.is(exposed.types.get("keytrack_record_buffered"), "gauge");
+  t.is(exposed.types.get("keytrack_auth_stale_total"), "counter");
   t.is(exposed.types.get("http_request_duration_seconds"), "histogram");
   t.is(exposed.types.get("process_cpu_seconds_total"), "counter");
 });

@@ -212,6 +212,24 @@ test("a database that does not answer: /metrics still answers, database_up 0, at
   }
 });
 
+test("the recording path's series: rows held in memory, rows dropped by every reason, requests let in on a stale key, all from the first scrape", async (t) => {
+  const server = await startTestServer(db);
+  try {
+    const e = await scrape(server);
+    t.is(e.types.get("keytrack_record_buffered"), "gauge");
+    t.is(e.value("keytrack_record_buffered"), 0);
+    t.is(e.types.get("keytrack_record_dropped_total"), "counter");
+    t.deepEqual(
+      e.find("keytrack_record_dropped_total").map((s) => [s.labels.reason, s.value]).sort(),
+      [["corrupt_spool_line", 0], ["memory_full", 0], ["rejected_by_database", 0], ["shutdown", 0]],
+    );
+    t.is(e.types.get("keytrack_auth_stale_total"), "counter");
+    t.is(e.value("keytrack_auth_stale_total"), 0);
+  } finally {
+    await server.close();
+  }
+});
+
 test("worker job outcomes are counted by task and outcome", async (t) => {
   const server = await startTestServer(db, { WORKER: "true" });
   try {

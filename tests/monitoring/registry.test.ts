@@ -15,7 +15,7 @@ import type { MetricsPool } from "../../server/metrics/dbSource.js";
 import { installMetrics, installMetricsEndpoint, metricsOf } from "../../server/metrics/installMetrics.js";
 import { createMetrics } from "../../server/metrics/registry.js";
 import { WorkerJobCounts } from "../../server/metrics/workerJobs.js";
-import type { Recorder } from "../../server/recording/types.js";
+import type { DropReason, Recorder } from "../../server/recording/types.js";
 import { parseExposition } from "../helpers/exposition.js";
 import { sleep } from "../helpers/poll.js";
 
@@ -57,10 +57,19 @@ function fakePool(answer: () => Promise<Record<string, unknown>>): FakePool {
   return pool as unknown as FakePool;
 }
 
-function fakeCtx(pool: MetricsPool, spool = 0): AppContext {
+interface FakeState {
+  buffered?: number;
+  dropped?: Partial<Record<DropReason, number>>;
+  staleServed?: number;
+}
+
+function fakeCtx(pool: MetricsPool, spool = 0, state: FakeState = {}): AppContext {
   const recorder: Recorder = {
     record: async () => ({ outcome: "recorded", attempts: 1 }),
     spoolDepth: () => spool,
+    bufferedRows: () => state.buffered ?? 0,
+    accepting: () => (state.buffered ?? 0) === 0,
+    dropped: () => state.dropped ?? {},
     replay: async () => 0,
     close: async () => {},
   };
@@ -69,7 +78,7 @@ function fakeCtx(pool: MetricsPool, spool = 0): AppContext {
     pools: { owner: pool, read: pool } as unknown as AppContext["pools"],
     log,
     recorder,
-    auth: undefined as unknown as AppContext["auth"],
+    auth: { staleServed: () => state.staleServed ?? 0 } as unknown as AppContext["auth"],
   };
 }
 
@@ -95,6 +104,39 @@ test("every column of attribution_metrics() becomes its series, with the right t
   for (const reason of ["anonymous", "not_found", "lookup_failed", "dev_bypass"]) {
     t.not(e.value("api_key_tracking_failures_total", { reason }), undefined, reason);
   }
+});
+
+test("the recorder's buffered rows and dropped rows, and the stale-key requests, are exported; every drop reason from the start", async (t) => {
+  const pool = fakePool(async () => fakeRow());
+  const state: FakeState = {};
+  const m = createMetrics(fakeCtx(pool, 0, state), { pool, defaultMetrics: false });
+  let e = await scrape(m);
+  t.is(e.types.get("keytrack_record_dropped_total"), "counter");
+  t.is(e.types.get("keytrack_record_buffered"), "gauge");
+  t.is(e.types.get("keytrack_auth_stale_total"), "counter");
+  t.deepEqual(
+    e.find("keytrack_record_dropped_total").map((s) => [s.labels.reason, s.value]).sort(),
+    [["corrupt_spool_line", 0], ["memory_full", 0], ["rejected_by_database", 0], ["shutdown", 0]],
+  );
+  t.is(e.value("keytrack_record_buffered"), 0);
+  t.is(e.value("keytrack_auth_stale_total"), 0);
+
+  state.buffered = 7;
+  state.dropped = { rejected_by_database: 2, memory_full: 1 };
+  state.staleServed = 5;
+  e = await scrape(m);
+  t.is(e.value("keytrack_record_buffered"), 7);
+  t.is(e.value("keytrack_record_dropped_total", { reason: "rejected_by_database" }), 2);
+  t.is(e.value("keytrack_record_dropped_total", { reason: "memory_full" }), 1);
+  t.is(e.value("keytrack_record_dropped_total", { reason: "shutdown" }), 0);
+  t.is(e.value("keytrack_auth_stale_total"), 5);
+});
+
+test("a context without the authenticator still scrapes: keytrack_auth_stale_total is 0", async (t) => {
+  const pool = fakePool(async () => fakeRow());
+  const ctx = { ...fakeCtx(pool), auth: undefined as unknown as AppContext["auth"] };
+  const e = await scrape(createMetrics(ctx, { pool, defaultMetrics: false }));
+  t.is(e.value("keytrack_auth_stale_total"), 0);
 });
 
 test("the query runs in its own transaction with a local statement_timeout", async (t) => {

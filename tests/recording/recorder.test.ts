@@ -216,6 +216,7 @@ test("across a restart: a new Recorder on the same data dir replays the old spoo
   const rejected = (await lines(paths.rejected)).map((l) => JSON.parse(l));
   t.is(rejected.length, 1);
   t.regex(rejected[0].raw, /req_tor$/);
+  t.deepEqual(b.dropped(), { corrupt_spool_line: 1 }, "the torn line is counted: its row is not in the ledger");
 });
 
 test("an outage in the middle of a replay: it stops at the failed row, rows spooled meanwhile queue behind, all are replayed exactly once in order", async (t) => {
@@ -249,7 +250,7 @@ test("an outage in the middle of a replay: it stops at the failed row, rows spoo
   t.deepEqual(stored.map((s) => s.request_id), all);
 });
 
-test("a permanent error is not retried: PermanentRecordError with the SQLSTATE, no row, nothing spooled", async (t) => {
+test("a permanent error is not retried: PermanentRecordError with the SQLSTATE, no row, nothing spooled, the row kept in rejected.jsonl and counted", async (t) => {
   const capture = captureLog();
   // Counts the recorder's tries: every try is one query on its pool.
   let tries = 0;
@@ -257,8 +258,10 @@ test("a permanent error is not retried: PermanentRecordError with the SQLSTATE, 
     get: (target, prop, receiver) =>
       prop === "query" ? (...args: unknown[]) => (tries++, (target.query as (...a: unknown[]) => unknown)(...args)) : Reflect.get(target, prop, receiver),
   });
-  const recorder = track(createRecorder({ pool: () => counting, dataDir: tempDataDir(), log: capture.log, baseDelayMs: 1000 }));
-  const row = makeRow({ inputTokens: -1 });
+  const dataDir = tempDataDir();
+  const recorder = track(createRecorder({ pool: () => counting, dataDir, log: capture.log, baseDelayMs: 1000 }));
+  // A key hash that is not a sha256 (32 bytes): the one thing the recording path cannot make storable.
+  const row = makeRow({ apiKeyHash: Buffer.from("abc") });
   const err = await t.throwsAsync(recorder.record(row), { instanceOf: PermanentRecordError });
   t.is(tries, 1, "one try: a permanent error is not retried");
   t.is(err!.code, "23514");
@@ -267,6 +270,9 @@ test("a permanent error is not retried: PermanentRecordError with the SQLSTATE, 
   t.true(capture.entries().some((e) => e.level === "error" && e.requestId === row.requestId));
   t.is((await rowsFor(db.owner, [row.requestId])).length, 0);
   t.is(recorder.spoolDepth(), 0);
+  const rejected = (await lines(spoolPaths(dataDir).rejected)).map((l) => JSON.parse(l));
+  t.like(rejected, [{ code: "23514", record: { row: { requestId: row.requestId } } }]);
+  t.deepEqual(recorder.dropped(), { rejected_by_database: 1 });
 });
 
 test("a row the database refuses on replay goes to rejected.jsonl with its error, and the replay goes on", async (t) => {
@@ -276,7 +282,7 @@ test("a row the database refuses on replay goes to rejected.jsonl with its error
   const pool = track(makePool(proxy.url));
   const recorder = track(createRecorder({ pool, dataDir, log: captureLog().log, baseDelayMs: 10, replayIntervalMs: 600_000 }));
   const good1 = makeRow();
-  const bad = makeRow({ outputTokens: -5 });
+  const bad = makeRow({ apiKeyHash: Buffer.from("abc") });
   const good2 = makeRow();
   for (const row of [good1, bad, good2]) t.is((await recorder.record(row)).outcome, "spooled");
 
@@ -287,8 +293,9 @@ test("a row the database refuses on replay goes to rejected.jsonl with its error
   t.deepEqual(stored.map((s) => s.request_id), [good1.requestId, good2.requestId]);
   const rejected = (await lines(spoolPaths(dataDir).rejected)).map((l) => JSON.parse(l));
   t.is(rejected.length, 1);
-  t.like(rejected[0], { code: "23514", record: { row: { requestId: bad.requestId, outputTokens: -5 } } });
+  t.like(rejected[0], { code: "23514", record: { row: { requestId: bad.requestId, apiKeyHash: "616263" } } });
   t.regex(rejected[0].error, /SQLSTATE 23514/);
+  t.deepEqual(recorder.dropped(), { rejected_by_database: 1 });
 });
 
 test("record() after close() is refused; rows in flight at close still land", async (t) => {
