@@ -9,7 +9,7 @@ import { projectRoot } from "../server/db/projectRoot.js";
 
 export const SDL_PATH = path.join(projectRoot, "server/graphql/schema.graphql");
 
-const server = await startServer(loadConfig({ ...process.env, PORT: "0", HOST: "127.0.0.1", WORKER: "false", LOG_LEVEL: "warn" }));
+const server = await startServer(loadConfig({ ...process.env, PORT: "0", HOST: "127.0.0.1", WORKER: "false", LOG_LEVEL: "warn", GRAPHIQL: "true" }));
 try {
   await writeFile(SDL_PATH, await fetchSdl(server.url));
   console.log(`wrote ${path.relative(process.cwd(), SDL_PATH)}`);

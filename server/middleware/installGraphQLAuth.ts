@@ -9,13 +9,18 @@
  * - no Authorization header                    -> no role switch: the NOINHERIT authenticator
  *                                                 itself, which can read no private data
  * - refused (malformed, unknown, revoked, expired) -> 401; lookup failed -> 503
+ *
+ * Every principal's settings, none included, carry statement_timeout
+ * (GRAPHQL_STATEMENT_TIMEOUT_MS): PostGraphile applies them with
+ * set_config(..., true) in the request's transaction, so no statement of a
+ * GraphQL request runs longer, whatever the login role's own setting.
  */
 import type express from "express";
 
 import type { Principal } from "../auth/authenticator.js";
 import type { AppContext } from "../context.js";
 import { graphqlError } from "../http/errors.js";
-import { GRAPHQL_PATH } from "./installPostGraphile.js";
+import { ADMIN_ROLE, GRAPHQL_PATH } from "./installPostGraphile.js";
 
 export type PgSettings = Record<string, string | undefined>;
 
@@ -23,20 +28,26 @@ declare global {
   // eslint-disable-next-line @typescript-eslint/no-namespace
   namespace Express {
     interface Request {
-      /** Set by installGraphQLAuth for /graphql; {} means "the authenticator itself". */
+      /** Set by installGraphQLAuth for /graphql; no role means "the authenticator itself". */
       pgSettings?: PgSettings;
     }
   }
 }
 
-/** The role and settings a principal's GraphQL requests run with. */
-export function pgSettingsFor(principal: Principal | null): PgSettings {
-  if (principal === null) return {};
-  if (principal.kind === "admin_token") return { role: "keytrack_admin" };
+const USER_ROLE = "keytrack_user";
+
+/** The role and settings a principal's GraphQL requests run with (no role: the authenticator itself). */
+export function pgSettingsFor(principal: Principal | null, statementTimeoutMs: number, maxLiveKeysPerUser = 20): PgSettings {
+  const statement_timeout = String(statementTimeoutMs);
+  if (principal === null) return { statement_timeout };
+  if (principal.kind === "admin_token") return { role: ADMIN_ROLE, statement_timeout };
   return {
-    role: principal.isAdmin ? "keytrack_admin" : "keytrack_user",
+    role: principal.isAdmin ? ADMIN_ROLE : USER_ROLE,
     "keytrack.user_id": principal.userId,
+    // create_api_key() records it as the new key's creator, and bounds a user's live keys.
     "keytrack.api_key_id": principal.apiKeyId,
+    "keytrack.max_live_keys_per_user": String(maxLiveKeysPerUser),
+    statement_timeout,
   };
 }
 
@@ -48,7 +59,7 @@ export function installGraphQLAuth(app: express.Express, ctx: AppContext): void 
     try {
       const result = await ctx.auth.authenticate(req.get("authorization"));
       if (result.ok) {
-        req.pgSettings = pgSettingsFor(result.principal);
+        req.pgSettings = pgSettingsFor(result.principal, ctx.config.graphqlStatementTimeoutMs, ctx.config.maxLiveKeysPerUser);
         return next();
       }
       ctx.log.debug("graphql request refused", { reason: result.reason, status: result.status });

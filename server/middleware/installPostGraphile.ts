@@ -1,9 +1,15 @@
 /**
  * PostGraphile v5 (Amber preset) on Express through grafserv: GraphQL at
- * /graphql, GraphiQL (Ruru) at /graphiql. Requests connect as the NOINHERIT
- * authenticator and switch role per request from the pgSettings that
- * installGraphQLAuth resolved; introspection runs as keytrack_admin so the
- * schema shows what an admin may see (objects without a GRANT disappear).
+ * /graphql, GraphiQL (Ruru) at /graphiql when config.graphiql is on. Requests
+ * connect as the NOINHERIT authenticator and switch role per request from the
+ * pgSettings that installGraphQLAuth resolved (with their statement_timeout);
+ * introspection of the database runs as keytrack_admin so the schema shows what
+ * an admin may see (objects without a GRANT disappear).
+ *
+ * Limits (server/graphql): connections get a default and a maximum page size
+ * (pageSize.ts), every request a cost, depth and field limit checked before it
+ * runs, and GraphQL introspection (__schema, __type) is for admins only unless
+ * config.graphiql is on (limits.ts).
  */
 import type express from "express";
 import { postgraphile, type PostGraphileInstance } from "postgraphile";
@@ -14,19 +20,25 @@ import { GraphQLError } from "postgraphile/graphql";
 import { PostGraphileAmberPreset } from "postgraphile/presets/amber";
 
 import type { AppContext } from "../context.js";
+import { makeLimitsPlugin } from "../graphql/limits.js";
+import { makePageSizePlugin } from "../graphql/pageSize.js";
 
 export const GRAPHQL_PATH = "/graphql";
 export const GRAPHIQL_PATH = "/graphiql";
+/** The role admins' requests run as; the database is introspected as it too. */
+export const ADMIN_ROLE = "keytrack_admin";
 
 type PgService = ReturnType<typeof makePgService>;
 
 /**
  * SQLSTATE classes whose message is meant for the client (the database's own
- * checks and the errors our SQL functions raise); they are returned with
+ * checks and the errors our SQL functions raise, and 57014: a statement that
+ * ran past statement_timeout, or was cancelled; 54000: a limit such as the
+ * live keys per user); they are returned with
  * `extensions.code` = the SQLSTATE so clients and tests match on the code.
  * Everything else is masked and logged by grafserv's default.
  */
-const CLIENT_SQLSTATE = /^(22|23|28|40|P0)[0-9A-Z]{3}$|^42501$/;
+const CLIENT_SQLSTATE = /^(22|23|28|40|P0)[0-9A-Z]{3}$|^42501$|^54000$|^57014$/;
 
 function maskError(error: GraphQLError) {
   const code = (error.originalError as { code?: unknown } | undefined)?.code;
@@ -45,12 +57,26 @@ function maskError(error: GraphQLError) {
 
 export function makePreset(ctx: AppContext, pgService: PgService): GraphileConfig.Preset {
   const { config } = ctx;
+  const limits = {
+    defaultPageSize: config.graphqlDefaultPageSize,
+    maxPageSize: config.graphqlMaxPageSize,
+    maxCost: config.graphqlMaxCost,
+    maxDepth: config.graphqlMaxDepth,
+  };
   return {
     extends: [PostGraphileAmberPreset],
+    plugins: [
+      makePageSizePlugin(limits),
+      makeLimitsPlugin({
+        limits,
+        allowIntrospection: (contextValue) =>
+          config.graphiql || (contextValue as { pgSettings?: Record<string, unknown> } | undefined)?.pgSettings?.role === ADMIN_ROLE,
+      }),
+    ],
     pgServices: [pgService],
     grafserv: {
       graphqlPath: GRAPHQL_PATH,
-      graphiql: true,
+      graphiql: config.graphiql,
       graphiqlPath: GRAPHIQL_PATH,
       graphiqlOnGraphQLGET: false,
       maxRequestLength: config.bodyLimitBytes,
@@ -63,7 +89,12 @@ export function makePreset(ctx: AppContext, pgService: PgService): GraphileConfi
         const req = requestContext.expressv4?.req;
         return {
           // No stashed settings means no role switch: the authenticator, which reads nothing private.
-          pgSettings: { ...args.contextValue?.pgSettings, ...req?.pgSettings },
+          // statement_timeout comes with the stashed settings (pgSettingsFor); this default covers any other caller.
+          pgSettings: {
+            statement_timeout: String(config.graphqlStatementTimeoutMs),
+            ...args.contextValue?.pgSettings,
+            ...req?.pgSettings,
+          },
         };
       },
     },
@@ -80,7 +111,7 @@ export async function installPostGraphile(app: express.Express, ctx: AppContext)
     connectionString: ctx.config.db.authDatabaseUrl,
     superuserConnectionString: ctx.config.db.databaseUrl,
     schemas: ["app_public"],
-    pgSettingsForIntrospection: { role: "keytrack_admin" },
+    pgSettingsForIntrospection: { role: ADMIN_ROLE },
   });
   // pgl.release() releases grafserv but not the service's pools: that is ours to do.
   const releaseService = async () => {

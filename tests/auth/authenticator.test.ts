@@ -103,6 +103,34 @@ test.serial("a revocation reaches every process at once, whatever the cache's TT
   }
 });
 
+test.serial("aliased createApiKey mutations make at most MAX_LIVE_KEYS_PER_USER keys; revoking the key that made them revokes them all", async (t) => {
+  const server = await startTestServer(db, { MAX_LIVE_KEYS_PER_USER: "5" });
+  try {
+    const user = await createUser(db, "aliases@example.com");
+    const key = await createKey(db, user, "maker");
+    const aliased = (n: number) => `mutation { ${Array.from({ length: n }, (_, i) => `k${i}: createApiKey(input: { userId: "${user}", name: "k${i}" }) { result { secret } }`).join(" ")} }`;
+    // A hundred aliases are refused whole by the GraphQL limits (nothing runs)...
+    const hundred = await graphql(server, aliased(100), {}, key.secret);
+    t.is(hundred.status, 400, JSON.stringify(hundred.body.errors?.[0]));
+    t.is((await db.owner.query("select count(*)::int as n from app_public.api_keys where user_id = $1", [user])).rows[0].n, 1);
+    // ... and within them, the live-key limit stops the rest.
+    const res = await graphql(server, aliased(10), {}, key.secret);
+    const made = Object.values(res.body.data ?? {}).filter((v) => v !== null).length;
+    t.is(made, 4, "the maker plus 4 = 5 live keys");
+    t.true((res.body.errors ?? []).some((e) => e.extensions?.code === "54000" && /at most 5 live API keys/.test(e.message)), JSON.stringify(res.body.errors?.[0]));
+    const secrets = Object.values(res.body.data ?? {}).filter(Boolean).map((v) => (v as { result: { secret: string } }).result.secret);
+    t.is((await graphql(server, "{ allApiKeys { totalCount } }", {}, secrets[0])).status, 200);
+
+    await db.owner.query("select app_public.revoke_api_key($1)", [key.id]);
+    for (const secret of secrets) {
+      await waitFor("a key made with the revoked key to be refused", async () => (await graphql(server, "{ allApiKeys { totalCount } }", {}, secret)).status === 401);
+    }
+    t.pass();
+  } finally {
+    await server.close();
+  }
+});
+
 test.serial("a user's role change reaches the cache at once: a demoted admin's key loses admin rights", async (t) => {
   const server = await startTestServer(db, { AUTH_CACHE_TTL_MS: "600000" });
   try {

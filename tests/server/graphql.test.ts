@@ -129,7 +129,7 @@ test("errors from SQL reach the client with their SQLSTATE, and store nothing", 
 
 test("the committed SDL (server/graphql/schema.graphql) matches the running schema", async (t) => {
   const committed = await readFile(path.join(projectRoot, "server/graphql/schema.graphql"), "utf8");
-  t.is(await fetchSdl(server.url), committed, "run `npm run graphql:sdl` and commit the result");
+  t.is(await fetchSdl(server.url, ADMIN_TOKEN), committed, "run `npm run graphql:sdl` and commit the result");
 });
 
 test("GET /health checks the database", async (t) => {
