@@ -91,6 +91,8 @@ export interface Config {
   readonly graphqlStatementTimeoutMs: number;
   /** Keys a user may have alive (not revoked, not expired) when creating one themselves. */
   readonly maxLiveKeysPerUser: number;
+  /** How often a serving process tells the database how many requests it has accepted (completeness), in ms. */
+  readonly completenessHeartbeatMs: number;
 }
 
 /** A Config whose database URLs are known (external server, or embedded one started). */
@@ -286,5 +288,6 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     graphqlMaxDepth: int(env, "GRAPHQL_MAX_DEPTH", 1, 100, 10)!,
     graphqlStatementTimeoutMs: int(env, "GRAPHQL_STATEMENT_TIMEOUT_MS", 100, 3_600_000, 10_000)!,
     maxLiveKeysPerUser: int(env, "MAX_LIVE_KEYS_PER_USER", 1, 100_000, 20)!,
+    completenessHeartbeatMs: int(env, "COMPLETENESS_HEARTBEAT_MS", 100, 60_000, 10_000)!,
   };
 }

@@ -11,6 +11,7 @@ import type { ConnectedConfig } from "./config.js";
 import type { Pools } from "./db/pools.js";
 import type { Logger } from "./log.js";
 import type { WorkerJobCounts } from "./metrics/workerJobs.js";
+import type { ServingProcess } from "./completeness/servingProcess.js";
 import type { Recorder } from "./recording/types.js";
 
 export interface AppContext {
@@ -25,6 +26,8 @@ export interface AppContext {
   devKey?: DevKey;
   /** Job outcomes of the worker running in this process (WORKER=true), for /metrics. */
   workerJobs?: WorkerJobCounts;
+  /** This process's identity and request numbering (completeness); absent in unit tests' contexts. */
+  servingProcess?: ServingProcess;
 }
 
 /** One route group, mounted by makeApp. */

@@ -11,6 +11,7 @@ import type { AddressInfo } from "node:net";
 
 import { makeApp } from "./app.js";
 import { createAuthenticator } from "./auth/authenticator.js";
+import { registerServingProcess } from "./completeness/servingProcess.js";
 import { listenForKeyChanges } from "./auth/keyChanges.js";
 import { createKeyLookup, queryKey } from "./auth/keyLookup.js";
 import type { DevKey } from "./chat/devKey.js";
@@ -97,6 +98,15 @@ export async function startServer(config: Config, options: StartServerOptions = 
     const recorder = createRecorder({ pool: pools.owner, dataDir: connected.dataDir, log: log.child({ component: "recorder" }), attempts: config.recordRetryAttempts, baseDelayMs: config.recordRetryBaseMs });
     undo.push(() => recorder.close());
 
+    // Registered before anything is accepted; its clean stop is recorded after the listener has
+    // closed (undo runs in reverse) and before the recorder's last rows are flushed or spooled.
+    const servingProcess = await registerServingProcess({
+      pool: pools.owner,
+      log: log.child({ component: "completeness" }),
+      heartbeatMs: config.completenessHeartbeatMs,
+    });
+    undo.push(() => servingProcess.close());
+
     const devKey = connected.appEnv === "development" ? (options.devKey ?? (await getDevKey(pools.owner, log))) : undefined;
 
     const keys = createKeyLookup({ query: queryKey(pools.owner), ttlMs: config.authCacheTtlMs, staleMaxMs: config.authStaleMaxMs });
@@ -112,7 +122,7 @@ export async function startServer(config: Config, options: StartServerOptions = 
       undo.push(() => worker.stop());
     }
 
-    const ctx: AppContext = { config: connected, pools, log, auth, recorder, devKey, workerJobs };
+    const ctx: AppContext = { config: connected, pools, log, auth, recorder, devKey, workerJobs, servingProcess };
     const app = await makeApp(ctx, { extraInstallers: options.extraInstallers });
     undo.push(() => app.close());
 

@@ -20,9 +20,17 @@ export interface EntryInit {
   provider: string;
 }
 
-export function toRecord(init: EntryInit, outcome: Outcome, processingTimeMs: number): RequestRecord {
+/** The request's place in its serving process's numbering (completeness). */
+export interface Numbered {
+  processId: string;
+  processSeq: number;
+}
+
+export function toRecord(init: EntryInit, outcome: Outcome, processingTimeMs: number, numbered: Numbered | null = null): RequestRecord {
   const id = init.identity;
   return {
+    processId: numbered?.processId ?? null,
+    processSeq: numbered?.processSeq ?? null,
     requestId: init.requestId,
     createdAt: init.createdAt,
     apiKeyHash: id.kind === "anonymous" ? null : id.apiKeyHash,
@@ -43,17 +51,23 @@ export class RequestEntry {
   /** Resolves when the recording attempt is over (tests and shutdown may wait on it). */
   done: Promise<void> = Promise.resolve();
 
+  /** Numbered when accepted, in the order of acceptance. */
+  private readonly numbered: Numbered | null;
+
   constructor(
     private readonly ctx: AppContext,
     readonly init: EntryInit,
-  ) {}
+  ) {
+    const p = ctx.servingProcess;
+    this.numbered = p ? { processId: p.id, processSeq: p.nextSeq() } : null;
+  }
 
   /** Records the row; only the first call counts. */
   settle(outcome: Outcome): void {
     if (this.settled) return;
     this.settled = true;
     const ms = Math.max(0, Math.round(performance.now() - this.init.startedAt));
-    const row = toRecord(this.init, outcome, ms);
+    const row = toRecord(this.init, outcome, ms, this.numbered);
     const { log, recorder } = this.ctx;
     this.done = (async () => {
       try {

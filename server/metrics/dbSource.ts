@@ -1,5 +1,5 @@
 /**
- * Reads app_private.attribution_metrics() for a scrape: at most one query in
+ * Reads one metrics function (app_private.attribution_metrics() by default) for a scrape: at most one query in
  * flight, its answer shared by the scrapes of the next TTL (parallel scrapers,
  * several Prometheus servers), a client-side budget so /metrics always answers,
  * and a server-side statement_timeout so a slow database is not piled on.
@@ -10,7 +10,7 @@ import type { Logger } from "../log.js";
 import { ATTRIBUTION_METRICS_SQL } from "./dbMetrics.js";
 
 export type DbSnapshot =
-  | { ok: true; row: Record<string, unknown>; at: number }
+  | { ok: true; row: Record<string, unknown>; rows: Array<Record<string, unknown>>; at: number }
   | { ok: false; error: string; at: number };
 
 export interface DbSourceOptions {
@@ -19,6 +19,8 @@ export interface DbSourceOptions {
   /** How long a scrape waits for the database, in ms. */
   timeoutMs?: number;
   now?: () => number;
+  /** The query (default: the attribution metrics). */
+  sql?: string;
 }
 
 /** The part of pg.Pool used here (tests pass a fake). */
@@ -28,6 +30,7 @@ export class DbMetricsSource {
   private readonly ttlMs: number;
   private readonly timeoutMs: number;
   private readonly now: () => number;
+  private readonly sql: string;
   private cached: DbSnapshot | null = null;
   private inflight: Promise<DbSnapshot> | null = null;
   private lastError: string | null = null;
@@ -40,6 +43,7 @@ export class DbMetricsSource {
     this.ttlMs = options.ttlMs ?? 1500;
     this.timeoutMs = options.timeoutMs ?? 2000;
     this.now = options.now ?? Date.now;
+    this.sql = options.sql ?? ATTRIBUTION_METRICS_SQL;
   }
 
   /** The latest answer, at most ttlMs old; never rejects. */
@@ -82,9 +86,9 @@ export class DbMetricsSource {
       // SET LOCAL: the timeout must not leak to the pool's other users.
       await client.query("begin");
       await client.query(`set local statement_timeout = ${Math.max(1, this.timeoutMs)}`);
-      const { rows } = await client.query(ATTRIBUTION_METRICS_SQL);
+      const { rows } = await client.query(this.sql);
       await client.query("commit");
-      return { ok: true, row: (rows[0] ?? {}) as Record<string, unknown>, at: this.now() };
+      return { ok: true, row: (rows[0] ?? {}) as Record<string, unknown>, rows: rows as Array<Record<string, unknown>>, at: this.now() };
     } catch (err) {
       if (client) {
         await client.query("rollback").catch((e: Error) => {

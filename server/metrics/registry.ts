@@ -32,6 +32,37 @@ import { DB_COLUMNS, DB_METRICS, type DbMetricName, mapAttributionMetrics } from
 import { DbMetricsSource, type DbSourceOptions, type MetricsPool } from "./dbSource.js";
 import type { WorkerJobCounts } from "./workerJobs.js";
 
+/** A histogram whose cumulative buckets, sum and count are read from SQL at scrape time. */
+class DbHistogram {
+  readonly type = "histogram";
+  readonly aggregator = "sum";
+  constructor(
+    readonly name: string,
+    readonly help: string,
+    private readonly source: DbMetricsSource,
+  ) {}
+
+  async get() {
+    const snapshot = await this.source.get();
+    const values: Array<{ metricName: string; labels: Record<string, string | number>; value: number }> = [];
+    if (snapshot.ok && snapshot.rows.length > 0) {
+      for (const r of snapshot.rows) {
+        const le = Number(r.le);
+        values.push({ metricName: `${this.name}_bucket`, labels: { le: le === Infinity ? "+Inf" : le }, value: Number(r.cumulative) });
+      }
+      const last = snapshot.rows[snapshot.rows.length - 1]!;
+      values.push({ metricName: `${this.name}_sum`, labels: {}, value: Number(last.sum_seconds) });
+      values.push({ metricName: `${this.name}_count`, labels: {}, value: Number(last.cumulative) });
+    }
+    return { name: this.name, help: this.help, type: this.type, values, aggregator: this.aggregator };
+  }
+
+  reset(): void {}
+}
+
+/** prom-client takes any object with name, help, type and get() as a metric; its types say Metric. */
+const dbHistogram = (name: string, help: string, source: DbMetricsSource) => new DbHistogram(name, help, source) as unknown as client.Metric;
+
 /** Seconds; chat requests stream for a long time, so the buckets reach 2 minutes. */
 export const HTTP_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120];
 
@@ -51,7 +82,7 @@ export interface CreateMetricsOptions extends DbSourceOptions {
 }
 
 export function createMetrics(
-  ctx: Pick<AppContext, "pools" | "log" | "recorder" | "auth">,
+  ctx: Pick<AppContext, "pools" | "log" | "recorder" | "auth" | "servingProcess">,
   options: CreateMetricsOptions = {},
 ): KeytrackMetrics {
   const registry = new client.Registry();
@@ -153,6 +184,60 @@ export function createMetrics(
       this.reset();
       // A context without the authenticator (tests of the registry alone) exports 0.
       this.inc(ctx.auth?.staleServed() ?? 0);
+    },
+  });
+
+  // Completeness (migration 000007): this process's own count, and every recent process's rows and gaps from SQL.
+  new client.Counter({
+    name: "keytrack_requests_accepted_total",
+    help: "Requests this serving process accepted (authenticated, valid, numbered for completeness) since it started; each must end as one ledger row.",
+    labelNames: ["process"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      const p = ctx.servingProcess;
+      if (p) this.inc({ process: p.id }, p.accepted());
+    },
+  });
+  const completeness = new DbMetricsSource(options.pool ?? ctx.pools.read, ctx.log.child({ component: "metrics" }), {
+    ...options,
+    sql: "select process_id, host, state, accepted_seq, recorded, missing from app_private.completeness_metrics()",
+  });
+  const perProcess = (name: string, help: string, column: "accepted_seq" | "recorded" | "missing") =>
+    new client.Gauge({
+      name,
+      help,
+      labelNames: ["process", "host", "state"],
+      registers: [registry],
+      async collect() {
+        this.reset();
+        const snapshot = await completeness.get();
+        if (!snapshot.ok) return;
+        for (const r of snapshot.rows) {
+          this.set({ process: String(r.process_id), host: String(r.host), state: String(r.state) }, Number(r[column]));
+        }
+      },
+    });
+  perProcess("keytrack_process_requests_accepted", "Requests each serving process (alive within the last day) reported accepting, from the database (its heartbeat or clean stop).", "accepted_seq");
+  perProcess("keytrack_process_rows_recorded", "Ledger rows each serving process (alive within the last day) wrote, from the database.", "recorded");
+  perProcess("keytrack_completeness_missing_requests", "Requests each serving process accepted that have no ledger row past the spool's replay window (app_public.completeness_gaps()): must be 0.", "missing");
+
+  // Attribution latency (migration 000008): a histogram kept in SQL, exported as it is.
+  const latency = new DbMetricsSource(options.pool ?? ctx.pools.read, ctx.log.child({ component: "metrics" }), {
+    ...options,
+    sql: "select le, cumulative, sum_seconds, oldest_pending_seconds from app_private.attribution_latency_metrics()",
+  });
+  registry.registerMetric(dbHistogram("keytrack_attribution_latency_seconds",
+    "Seconds from a pending row's arrival to its final attribution by the retry worker (resolved, or failed at the attempt limit), counted in the database.", latency));
+  new client.Gauge({
+    name: "keytrack_oldest_pending_attribution_seconds",
+    help: "How long the oldest row still pending attribution has waited (0 when none).",
+    registers: [registry],
+    async collect() {
+      this.reset();
+      const snapshot = await latency.get();
+      if (!snapshot.ok) return this.remove();
+      this.set(Number(snapshot.row.oldest_pending_seconds ?? 0));
     },
   });
 

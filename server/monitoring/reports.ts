@@ -39,12 +39,43 @@ interface TrendRow {
 
 const iso = (timestamp: string) => new Date(timestamp).toISOString();
 
+interface CompletenessRow {
+  processes: number;
+  accepted: number;
+  recorded: number;
+  missing: number;
+}
+
+interface LatencyRow {
+  attributed_after_retry: number;
+  p50_seconds: number | null;
+  p99_seconds: number | null;
+  max_seconds: number | null;
+  pending: number;
+  oldest_pending_seconds: number | null;
+}
+
+/**
+ * The spec's quality report, plus what keytrack measures beside it (fields the
+ * spec does not have, so clients that know only the spec's keep working):
+ * `completeness` (requests accepted by keytrack's serving processes that have
+ * a row: app_public.completeness_by_hour) and `attribution_latency` (how long
+ * the retry worker took: app_public.attribution_latency_report).
+ */
 export async function qualityReport(pool: pg.Pool, hours: number) {
-  const { rows } = await pool.query<{ r: QualityRow }>(
-    "select to_jsonb(q) as r from app_public.api_key_tracking_quality_report($1) q",
-    [hours],
-  );
+  const [{ rows }, completeness, latency] = await Promise.all([
+    pool.query<{ r: QualityRow }>("select to_jsonb(q) as r from app_public.api_key_tracking_quality_report($1) q", [hours]),
+    pool.query<CompletenessRow>(
+      `select count(distinct process_id)::int as processes, coalesce(sum(accepted), 0)::bigint::int as accepted,
+              coalesce(sum(recorded), 0)::bigint::int as recorded, coalesce(sum(missing), 0)::bigint::int as missing
+         from app_public.completeness_by_hour($1)`,
+      [hours],
+    ),
+    pool.query<LatencyRow>("select * from app_public.attribution_latency_report($1)", [hours]),
+  ]);
   const r = rows[0]!.r;
+  const c = completeness.rows[0]!;
+  const l = latency.rows[0]!;
   return {
     total_requests: r.total_requests,
     requests_with_api_key: r.requests_with_api_key,
@@ -63,6 +94,21 @@ export async function qualityReport(pool: pg.Pool, hours: number) {
     time_window: { hours: r.hours, start_time: iso(r.start_time), end_time: iso(r.end_time) },
     alert_status: r.alert_status,
     recommendations: r.recommendations,
+    completeness: {
+      serving_processes: c.processes,
+      requests_accepted: c.accepted,
+      rows_recorded: c.recorded,
+      rows_missing: c.missing,
+      completeness_percent: c.accepted > 0 ? Math.round((10000 * c.recorded) / c.accepted) / 100 : null,
+    },
+    attribution_latency: {
+      attributed_after_retry: Number(l.attributed_after_retry),
+      p50_seconds: l.p50_seconds,
+      p99_seconds: l.p99_seconds,
+      max_seconds: l.max_seconds,
+      pending: Number(l.pending),
+      oldest_pending_seconds: l.oldest_pending_seconds,
+    },
   };
 }
 

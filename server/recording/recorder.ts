@@ -67,8 +67,8 @@ export const MAX_BUFFERED_BYTES = 64 * 1024 * 1024;
 export const INSERT_REQUEST_SQL = `
   insert into app_public.chat_completion_requests
     (request_id, created_at, api_key_hash, api_key_id, user_id, model, provider, input_tokens,
-     output_tokens, processing_time_ms, status, error_message, attribution_reason, spooled_at)
-  values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`;
+     output_tokens, processing_time_ms, status, error_message, attribution_reason, spooled_at, process_id, process_seq)
+  values ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)`;
 
 /**
  * Parameters of INSERT_REQUEST_SQL, every value made storable (storable.ts);
@@ -79,7 +79,7 @@ export function insertValues(row: RequestRecord, spooledAt: Date | null = null):
   return [
     r.requestId, r.createdAt, r.apiKeyHash, r.apiKeyId ?? null, r.userId ?? null, r.model, r.provider,
     r.inputTokens, r.outputTokens, r.processingTimeMs, r.status, r.errorMessage, r.attributionReason ?? null,
-    spooledAt,
+    spooledAt, r.processId ?? null, r.processSeq ?? null,
   ];
 }
 

@@ -143,6 +143,8 @@ export function encodeEntry(entry: SpoolEntry): string {
       status: r.status,
       errorMessage: r.errorMessage,
       attributionReason: r.attributionReason ?? null,
+      processId: r.processId ?? null,
+      processSeq: r.processSeq ?? null,
     },
   });
 }
@@ -191,6 +193,9 @@ export function decodeEntry(line: string): SpoolEntry {
       status: r.status as RequestStatus,
       errorMessage: strOrNull(r.errorMessage, "errorMessage"),
       attributionReason: reason as "dev_bypass" | null,
+      // Absent in lines spooled before completeness numbering: null.
+      processId: strOrNull(r.processId ?? null, "processId"),
+      processSeq: numOrNull(r.processSeq ?? null, "processSeq"),
     },
   };
 }

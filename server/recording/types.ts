@@ -25,6 +25,9 @@ export interface RequestRecord {
   errorMessage: string | null;
   /** attribution_reason: only `dev_bypass` is honoured by the trigger (dev key creation failed). */
   attributionReason?: "dev_bypass" | null;
+  /** process_id, process_seq: the serving process that accepted the request and its number there (completeness). */
+  processId?: string | null;
+  processSeq?: number | null;
 }
 
 export type RecordOutcome =

@@ -123,9 +123,11 @@ test("every alert rule reads only metrics that /metrics exposes", async (t) => {
     for (let j = i + 1; j < lines.length && (lines[j]!.trim() === "" || lines[j]!.search(/\S/) > m[1]!.length); j++) block.push(lines[j]!.trim());
     exprs.push(block.join(" "));
   });
-  t.is(exprs.length, 8);
+  t.is(exprs.length, 10);
   t.true(exprs.some((e) => /increase\(keytrack_record_dropped_total\[5m\]\) > 0/.test(e)), "an alert for any dropped row");
   t.true(exprs.some((e) => /keytrack_record_buffered/.test(e)), "an alert for rows held in memory");
+  t.true(exprs.some((e) => /keytrack_completeness_missing_requests/.test(e)), "an alert for accepted requests without a row");
+  t.true(exprs.some((e) => /keytrack_oldest_pending_attribution_seconds/.test(e)), "an alert for slow attribution");
   for (const expr of exprs) t.deepEqual(unknownNames(expr), [], expr);
 });
 

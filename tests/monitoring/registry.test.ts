@@ -32,19 +32,25 @@ function fakeRow(overrides: Record<string, unknown> = {}): Record<string, unknow
 }
 
 interface FakePool extends MetricsPool {
+  /** The statements of the client that read attribution_metrics() (other metric queries use clients of their own). */
   statements: string[];
   queries: number;
 }
 
 function fakePool(answer: () => Promise<Record<string, unknown>>): FakePool {
+  const sessions: string[][] = [];
   const pool = {
-    statements: [] as string[],
+    get statements() {
+      return sessions.find((s) => s.some((sql) => /attribution_metrics\(\)/.test(sql))) ?? [];
+    },
     queries: 0,
     async connect() {
+      const session: string[] = [];
+      sessions.push(session);
       return {
         async query(sql: string) {
-          pool.statements.push(sql);
-          if (/attribution_metrics/.test(sql)) {
+          session.push(sql);
+          if (/attribution_metrics\(\)/.test(sql)) {
             pool.queries++;
             return { rows: [await answer()] };
           }
