@@ -640,6 +640,20 @@ export function checkLedger(ledger: Map<string, LedgerRow>, served: Map<string, 
   return { rows, lost: lostIds.length, lostIds: lostIds.slice(0, 20), duplicates, unknownRows, misattributed, misattributedExamples, attribution, spooled };
 }
 
+/**
+ * Requests the service's processes accepted (numbered) that have no row, by
+ * app_public.completeness_gaps() with no replay window: the drill has drained,
+ * so every row that will land has landed. Must be 0.
+ */
+export async function completenessGaps(pool: pg.Pool): Promise<{ missing: number; ranges: string[] }> {
+  const { rows } = await pool.query<{ process_id: string; process_state: string; from_seq: string; to_seq: string; missing: string }>(
+    "select process_id, process_state, from_seq, to_seq, missing from app_public.completeness_gaps('0 seconds')");
+  return {
+    missing: rows.reduce((n, r) => n + Number(r.missing), 0),
+    ranges: rows.slice(0, 5).map((r) => `${r.process_id.slice(0, 8)} (${r.process_state}) ${r.from_seq}..${r.to_seq}`),
+  };
+}
+
 // ---------------------------------------------------------------------------
 // Assertions and the printed summary
 

@@ -21,7 +21,7 @@ import path from "node:path";
 import autocannon from "autocannon";
 
 import {
-  checkLedger, Cluster, conclude, createKeys, createUsers, drain, formatCounts, mean, ownerPool, parseDrillArgs,
+  checkLedger, Cluster, completenessGaps, conclude, createKeys, createUsers, drain, formatCounts, mean, ownerPool, parseDrillArgs,
   printSection, readLedger, runDrill, say, secondsSince, Service, sleep, Verdict, type DrillKey, type Expected,
 } from "./harness.js";
 
@@ -133,6 +133,8 @@ runDrill("load", (SECONDS + o["warmup-seconds"]) * 3000 + DRAIN_MS + 6 * 60_000,
   verdict.check(ledger.duplicates === 0, `${ledger.duplicates} request ids have more than one row`);
   verdict.check(keyRows === result["2xx"], `${keyRows} rows carry the drill's keys, for ${result["2xx"]} 2xx answers`);
   verdict.check(ledger.misattributed === 0, `${ledger.misattributed} rows not attributed to the key sent: ${ledger.misattributedExamples.join("; ")}`);
+  const gaps = await completenessGaps(pool);
+  verdict.check(gaps.missing === 0, `completeness_gaps() reports ${gaps.missing} accepted requests without a row: ${gaps.ranges.join("; ")}`);
   verdict.check(rss.length >= 3, `only ${rss.length} RSS samples (need 3 or more)`);
   verdict.check(Math.abs(rssRatio - 1) <= RSS_TOLERANCE, `RSS not flat: mean of the last third ${mb(mean(last))} is ${(rssRatio * 100).toFixed(0)}% of the middle third's ${mb(mean(middle))} (allowed ${100 - RSS_TOLERANCE * 100}..${100 + RSS_TOLERANCE * 100}%)`);
 
@@ -149,6 +151,7 @@ runDrill("load", (SECONDS + o["warmup-seconds"]) * 3000 + DRAIN_MS + 6 * 60_000,
     ["rows with the drill's keys", keyRows],
     ["lost", ledger.lost],
     ["duplicate request_ids", ledger.duplicates],
+    ["completeness gaps (SQL)", gaps.missing],
     ["attribution outcomes", formatCounts(ledger.attribution)],
     ["misattributed rows", ledger.misattributed],
     ["seconds to drain", drained.seconds],

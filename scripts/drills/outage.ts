@@ -24,7 +24,7 @@ import { randomBytes } from "node:crypto";
 import path from "node:path";
 
 import {
-  AUTH_CACHE_TTL_MS, checkLedger, Cluster, conclude, createKeys, createUsers, drain, formatCounts, importKey, newKeySecret,
+  AUTH_CACHE_TTL_MS, checkLedger, Cluster, completenessGaps, conclude, createKeys, createUsers, drain, formatCounts, importKey, newKeySecret,
   ownerPool, parseDrillArgs, printSection, readLedger, runDrill, say, secondsSince, Service, sleep, Verdict,
   type DrillKey, type Expected,
 } from "./harness.js";
@@ -394,6 +394,8 @@ runDrill("outage", (SECONDS + OUTAGE + AFTER) * 1000 + 2 * DRAIN_MS + 8 * 60_000
   verdict.check(ledgerAll.duplicates === 0, `phases 1 and 2: ${ledgerAll.duplicates} request ids have more than one row`);
   verdict.check(ledger2.misattributed === 0, `phase 2: ${ledger2.misattributed} rows not attributed to what was sent: ${ledger2.misattributedExamples.join("; ")}`);
   verdict.check(ledgerAll.unknownRows === 0, `phases 1 and 2: ${ledgerAll.unknownRows} rows whose request id was never answered 2xx to the drill`);
+  const gaps = await completenessGaps(pool);
+  verdict.check(gaps.missing === 0, `phases 1 and 2: completeness_gaps() reports ${gaps.missing} accepted requests without a row: ${gaps.ranges.join("; ")}`);
 
   printSection("outage drill, phase 2: SIGKILL with rows in the spool, restart on the same KEYTRACK_DATA_DIR", [
     ["sent", crashAnswers.length],
@@ -408,6 +410,7 @@ runDrill("outage", (SECONDS + OUTAGE + AFTER) * 1000 + 2 * DRAIN_MS + 8 * 60_000
     ["misattributed rows", ledger2.misattributed],
     ["seconds to drain after restart", drained2.seconds],
     ["lost, phases 1 and 2", ledgerAll.lost],
+    ["completeness gaps (SQL), phases 1 and 2", gaps.missing],
     ["service stop (SIGTERM)", `exit code ${stopped.code}${stopped.signal ? `, signal ${stopped.signal}` : ""}`],
     ["service warnings, errors logged", `${service.levels.warn + service2.levels.warn}, ${service.levels.error + service2.levels.error}`],
   ]);

@@ -59,6 +59,10 @@ function assertPassed(t: ExecutionContext, run: DrillRun): void {
   t.true(duplicates.length > 0, `no "duplicate request_ids" line in the summary\n${output}`);
   t.deepEqual(lost, lost.map(() => 0), `lost must be 0\n${output}`);
   t.deepEqual(duplicates, duplicates.map(() => 0), `duplicate request_ids must be 0\n${output}`);
+  // Completeness, through the same SQL function a DBA uses (app_public.completeness_gaps).
+  const gaps = [...printed(run.stdout, "completeness gaps (SQL)"), ...printed(run.stdout, "completeness gaps (SQL), phases 1 and 2")];
+  t.true(gaps.length > 0, `no "completeness gaps (SQL)" line in the summary\n${output}`);
+  t.deepEqual(gaps, gaps.map(() => 0), `completeness gaps must be 0\n${output}`);
   t.is(run.summary?.passed, true, `the JSON summary does not say passed\n${output}`);
 }
 
