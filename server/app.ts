@@ -4,8 +4,8 @@
  *
  * 1. /health (no auth, no body parsing)
  * 2. request timing for http_request_duration_seconds
- * 3. the JSON body parser (grafserv uses the parsed body when present)
- * 4. GraphQL: authentication, then PostGraphile (/graphql, /graphiql)
+ * 3. (no global body parser: each route parses its JSON body after authenticating, server/http/jsonBody.ts)
+ * 4. GraphQL: authentication, the JSON body parser (grafserv uses the parsed body), then PostGraphile (/graphql, /graphiql)
  * 5. /metrics (Prometheus)
  * 6. /v1: the OpenAI-compatible gateway
  * 7. /admin/monitoring: the spec's monitoring endpoints
@@ -18,12 +18,13 @@ import express from "express";
 import type { PostGraphileInstance } from "postgraphile";
 
 import { installChat } from "./chat/installChat.js";
+import { jsonBody } from "./http/jsonBody.js";
 import type { AppContext, Installer } from "./context.js";
 import { installMetrics, installMetricsEndpoint } from "./metrics/installMetrics.js";
 import { installErrorHandler } from "./middleware/installErrorHandler.js";
 import { installGraphQLAuth } from "./middleware/installGraphQLAuth.js";
 import { installHealth } from "./middleware/installHealth.js";
-import { installPostGraphile } from "./middleware/installPostGraphile.js";
+import { GRAPHQL_PATH, installPostGraphile } from "./middleware/installPostGraphile.js";
 import { installMonitoring } from "./monitoring/installMonitoring.js";
 
 export interface MakeAppOptions {
@@ -44,8 +45,8 @@ export async function makeApp(ctx: AppContext, options: MakeAppOptions = {}): Pr
 
   installHealth(app, ctx);
   installMetrics(app, ctx);
-  app.use(express.json({ limit: ctx.config.bodyLimit }));
   installGraphQLAuth(app, ctx);
+  app.use(GRAPHQL_PATH, jsonBody(ctx.config));
   const postgraphile = await installPostGraphile(app, ctx);
   try {
     for (const install of [installMetricsEndpoint, installChat, installMonitoring, ...(options.extraInstallers ?? [])]) {

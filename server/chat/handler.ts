@@ -1,5 +1,6 @@
 /**
- * POST /v1/chat/completions and POST /v1/responses: authenticate, validate,
+ * POST /v1/chat/completions and POST /v1/responses: authenticate (admit.ts,
+ * before the body is read), parse the body (server/http/jsonBody.ts), validate,
  * answer (upstream or echo), then record exactly one row. Requests refused
  * before being served (401, 400, 413, 503 from authentication) are not
  * recorded: they reached no model, and a flood of bad keys must not read as
@@ -8,40 +9,49 @@
 import type express from "express";
 
 import type { AppContext } from "../context.js";
-import { authenticateChat } from "./identity.js";
+import { jsonBody } from "../http/jsonBody.js";
+import { admissionOf, admitChat } from "./admit.js";
 import { ClientConnection } from "./connection.js";
 import { ECHO_PROVIDER, serveEcho } from "./echo.js";
 import { ApiError, sendError } from "../http/errors.js";
 import { failed, partial, type Outcome } from "./outcome.js";
 import { RequestEntry } from "./record.js";
-import { uuidv7 } from "./requestId.js";
 import { forward, type UpstreamTarget } from "./upstream.js";
 import { type ChatKind, validateChat, validateResponses } from "./validate.js";
+
+const RECORDING_UNAVAILABLE = new ApiError(
+  503,
+  "Requests cannot be recorded right now (the ledger database and the local spool are both unavailable); retry shortly.",
+  "server_error",
+  "recording_unavailable",
+);
 
 export interface HandlerDeps {
   /** null: the built-in echo model answers. */
   upstream: UpstreamTarget | null;
 }
 
-export function chatHandler(kind: ChatKind, ctx: AppContext, deps: HandlerDeps): express.RequestHandler {
+/** The route's middlewares, in order: admission (authentication), the JSON body, the handler. */
+export function chatHandler(kind: ChatKind, ctx: AppContext, deps: HandlerDeps): express.RequestHandler[] {
   const validate = kind === "chat" ? validateChat : validateResponses;
-  return async (req, res) => {
-    const startedAt = performance.now();
-    const createdAt = new Date();
-    const requestId = uuidv7(createdAt);
-    res.set("x-request-id", requestId);
-
-    const auth = await authenticateChat(ctx, req.get("authorization"));
-    if (!auth.ok) return sendError(res, auth.error);
+  const serving = deps.upstream !== null || ctx.config.echoModel;
+  return [admitChat(ctx, serving), jsonBody(ctx.config), async (req, res) => {
+    const { requestId, createdAt, startedAt, identity } = admissionOf(res);
     const valid = validate(req.body);
     if (!valid.ok) return sendError(res, valid.error);
     const request = valid.request;
+    // Neither the database nor the spool can take rows now (they are held in
+    // memory): refuse before serving, so no request is served without its row.
+    if (!ctx.recorder.accepting()) {
+      res.set("retry-after", "5");
+      return sendError(res, RECORDING_UNAVAILABLE);
+    }
 
     const entry = new RequestEntry(ctx, {
       requestId,
       createdAt,
       startedAt,
-      identity: auth.identity,
+      identity,
       model: request.model,
       provider: deps.upstream?.provider ?? ECHO_PROVIDER,
     });
@@ -63,5 +73,5 @@ export function chatHandler(kind: ChatKind, ctx: AppContext, deps: HandlerDeps):
       }
     }
     entry.settle(outcome);
-  };
+  }];
 }

@@ -1,9 +1,11 @@
 /**
  * The OpenAI-compatible gateway: POST /v1/chat/completions, POST /v1/responses,
  * GET /v1/models. Forwards to UPSTREAM_BASE_URL when set, else answers with the
- * built-in echo model (a development aid). Every served request becomes exactly
- * one ledger row. Body parsing (BODY_LIMIT, malformed JSON) happens before, in
- * app.ts; its errors come out of installErrorHandler in OpenAI's error shape.
+ * built-in echo model (a development aid, when ECHO_MODEL is on; otherwise a
+ * 503 naming the settings). Every served request becomes exactly one ledger row.
+ * Each POST route authenticates first, then parses its JSON body
+ * (server/http/jsonBody.ts: BODY_LIMIT, nesting depth, malformed JSON), whose
+ * errors come out of installErrorHandler in OpenAI's error shape.
  */
 import type { Installer } from "../context.js";
 import { chatHandler, type HandlerDeps } from "./handler.js";
@@ -13,15 +15,19 @@ import { upstreamTarget } from "./upstream.js";
 export const installChat: Installer = (app, ctx) => {
   const { config } = ctx;
   const upstream = config.upstreamBaseUrl
-    ? upstreamTarget(config.upstreamBaseUrl, config.upstreamApiKey, config.upstreamTimeoutMs)
+    ? upstreamTarget(config.upstreamBaseUrl, config.upstreamApiKey, config.upstreamTimeoutMs, {
+        maxBodyBytes: config.upstreamMaxBodyBytes,
+        maxEventBytes: config.upstreamMaxEventBytes,
+      })
     : null;
   const deps: HandlerDeps = { upstream };
 
-  app.post("/v1/chat/completions", chatHandler("chat", ctx, deps));
-  app.post("/v1/responses", chatHandler("responses", ctx, deps));
+  app.post("/v1/chat/completions", ...chatHandler("chat", ctx, deps));
+  app.post("/v1/responses", ...chatHandler("responses", ctx, deps));
   app.get("/v1/models", modelsHandler(ctx, upstream));
   app.get("/v1/models/:model", modelsHandler(ctx, upstream));
 
   if (upstream) ctx.log.info("chat endpoints forward to the upstream", { provider: upstream.provider });
-  else ctx.log.info("chat endpoints answer with the built-in echo model (UPSTREAM_BASE_URL is unset; a development aid)");
+  else if (config.echoModel) ctx.log.info("chat endpoints answer with the built-in echo model (UPSTREAM_BASE_URL is unset; a development aid)");
+  else ctx.log.warn("chat endpoints answer 503: no upstream configured (set UPSTREAM_BASE_URL, or ECHO_MODEL=true for the built-in echo model)");
 };

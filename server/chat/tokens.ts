@@ -31,6 +31,48 @@ export function splitTokens(text: string): string[] {
   return pieces;
 }
 
+export interface BoundedText {
+  /** The text, cut after at most maxTokens tokens and maxChars characters (whole tokens, except a first token longer than maxChars). */
+  text: string;
+  /** The text in pieces of one token each (with the whitespace before it); joined, they are `text`. */
+  pieces: string[];
+  /** Whether anything was cut off. */
+  truncated: boolean;
+}
+
+/**
+ * splitTokens, bounded: stops after `maxTokens` tokens or `maxChars`
+ * characters, whichever comes first, without looking at the rest of the text.
+ */
+export function boundedTokens(text: string, maxTokens: number, maxChars: number): BoundedText {
+  const pieces: string[] = [];
+  let from = 0;
+  for (const m of text.matchAll(TOKEN)) {
+    const end = m.index + m[0].length;
+    if (pieces.length >= maxTokens || end > maxChars) {
+      if (pieces.length === 0) {
+        // One token longer than maxChars: its beginning (not splitting a surrogate pair).
+        let cut = maxChars;
+        const last = text.charCodeAt(cut - 1);
+        if (cut > 1 && last >= 0xd800 && last <= 0xdbff) cut--;
+        pieces.push(text.slice(0, cut));
+        from = cut;
+      }
+      return { text: text.slice(0, from), pieces, truncated: true };
+    }
+    pieces.push(text.slice(from, end));
+    from = end;
+  }
+  // Only whitespace after the last token: kept, within the bound.
+  if (from < text.length) {
+    const rest = text.slice(from, Math.max(from, maxChars));
+    if (pieces.length) pieces[pieces.length - 1] += rest;
+    else if (rest !== "") pieces.push(rest);
+    from += rest.length;
+  }
+  return { text: text.slice(0, from), pieces, truncated: from < text.length };
+}
+
 type Json = Record<string, unknown>;
 const isObject = (v: unknown): v is Json => typeof v === "object" && v !== null && !Array.isArray(v);
 

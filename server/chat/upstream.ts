@@ -14,6 +14,14 @@
  * - The client going away aborts the upstream call (its connection is closed).
  * - Upstream unreachable or 5xx: 502; upstream 401/403 (the gateway's key): 502;
  *   other 4xx (bad model, rate limit...) pass through with their status.
+ * - Only JSON (application/json) and event streams (text/event-stream) are
+ *   passed on; any other content type (an HTML error page, a script) is a 502
+ *   upstream_bad_content_type, its body never read.
+ * - What is read is bounded: a whole body at UPSTREAM_MAX_BODY (its declared
+ *   length checked first, then counted while reading), one stream event at
+ *   UPSTREAM_MAX_EVENT. Past either the gateway stops reading and aborts the
+ *   upstream call: a 502 upstream_response_too_large, or mid-stream an error
+ *   event and the end; the row is failed.
  */
 import type express from "express";
 
@@ -21,7 +29,7 @@ import type { Logger } from "../log.js";
 import type { ClientConnection } from "./connection.js";
 import { ApiError, sendError } from "../http/errors.js";
 import { completed, failed, partial, type Outcome } from "./outcome.js";
-import { SSE_HEADERS, SseParser, sseData, sseEvent } from "./sse.js";
+import { SSE_HEADERS, SseEventTooLarge, SseParser, sseData, sseEvent } from "./sse.js";
 import { errorMessageOf, StreamWatch, usageOf } from "./usage.js";
 import type { ValidRequest } from "./validate.js";
 
@@ -32,10 +40,82 @@ export interface UpstreamTarget {
   timeoutMs: number;
   /** Recorded as the row's provider: the upstream's host. */
   provider: string;
+  /** The largest body read whole (UPSTREAM_MAX_BODY), and the largest stream event (UPSTREAM_MAX_EVENT), in bytes. */
+  maxBodyBytes: number;
+  maxEventBytes: number;
 }
 
-export function upstreamTarget(baseUrl: string, apiKey: string | null, timeoutMs: number): UpstreamTarget {
-  return { baseUrl: baseUrl.replace(/\/+$/, ""), apiKey, timeoutMs, provider: new URL(baseUrl).host };
+export interface UpstreamLimits {
+  maxBodyBytes: number;
+  maxEventBytes: number;
+}
+
+export function upstreamTarget(baseUrl: string, apiKey: string | null, timeoutMs: number, limits: UpstreamLimits): UpstreamTarget {
+  return { baseUrl: baseUrl.replace(/\/+$/, ""), apiKey, timeoutMs, provider: new URL(baseUrl).host, ...limits };
+}
+
+export const JSON_TYPE = "application/json";
+export const SSE_TYPE = "text/event-stream";
+
+/** The media type of a Content-Type header, lower case and without parameters ("" when there is none). */
+export function mediaTypeOf(contentType: string | null): string {
+  return (contentType ?? "").split(";")[0]!.trim().toLowerCase();
+}
+
+/** A content type the gateway does not pass on: the client's error and the row's message. */
+export function badContentType(contentType: string | null, accepted: readonly string[]): { error: ApiError; message: string } {
+  const shown = contentType === null ? "none" : clip(contentType, 100);
+  return {
+    error: new ApiError(
+      502,
+      `The upstream answered with content type "${shown}"; the gateway passes on only ${accepted.join(" or ")}.`,
+      "upstream_error",
+      "upstream_bad_content_type",
+    ),
+    message: `upstream answered with content type "${shown}", not ${accepted.join(" or ")}; not passed on`,
+  };
+}
+
+/** A body larger than the gateway reads: it stopped reading (the caller aborts the call). */
+export class UpstreamTooLarge extends Error {
+  constructor(readonly maxBytes: number) {
+    super(`upstream answer larger than UPSTREAM_MAX_BODY (${maxBytes} bytes)`);
+    this.name = "UpstreamTooLarge";
+  }
+}
+
+export const tooLargeError = (maxBytes: number) =>
+  new ApiError(502, `The upstream's answer is larger than the gateway accepts (${maxBytes} bytes).`, "upstream_error", "upstream_response_too_large");
+
+/**
+ * Reads a whole body, at most `maxBytes` of it: a larger declared length is
+ * refused before reading, and reading stops (the body is cancelled) as soon as
+ * more arrived. `onRead` is called on every read (the idle timer).
+ */
+export async function readBounded(response: Response, maxBytes: number, onRead: () => void = () => {}): Promise<Buffer> {
+  const body = response.body;
+  if (!body) return Buffer.alloc(0);
+  const declared = Number(response.headers.get("content-length"));
+  if (Number.isFinite(declared) && declared > maxBytes) {
+    await body.cancel().catch(() => {});
+    throw new UpstreamTooLarge(maxBytes);
+  }
+  const parts: Uint8Array[] = [];
+  let size = 0;
+  const reader = body.getReader();
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    onRead();
+    size += value.byteLength;
+    if (size > maxBytes) {
+      parts.length = 0;
+      await reader.cancel().catch(() => {});
+      throw new UpstreamTooLarge(maxBytes);
+    }
+    parts.push(value);
+  }
+  return Buffer.concat(parts, size);
 }
 
 /** Aborts after `ms` without a touch(); paused while the gateway waits on the client, not the upstream. */
@@ -65,7 +145,7 @@ class IdleTimer {
 }
 
 const MAX_ERROR_LENGTH = 1000;
-const clip = (s: string) => (s.length > MAX_ERROR_LENGTH ? s.slice(0, MAX_ERROR_LENGTH) + "…" : s);
+const clip = (s: string, max = MAX_ERROR_LENGTH) => (s.length > max ? s.slice(0, max) + "…" : s);
 
 function describeFetchError(err: unknown): string {
   const e = err as { message?: string; cause?: { code?: string; message?: string } };
@@ -84,20 +164,6 @@ function upstreamBody(request: ValidRequest): string {
   const so = request.body.stream_options;
   const options = typeof so === "object" && so !== null ? so : {};
   return JSON.stringify({ ...request.body, stream_options: { ...options, include_usage: true } });
-}
-
-/** Reads the whole body (non-streaming answers and errors), touching the timer on every read. */
-async function readAll(body: ReadableStream<Uint8Array> | null, timer: IdleTimer): Promise<Buffer> {
-  if (!body) return Buffer.alloc(0);
-  const parts: Uint8Array[] = [];
-  const reader = body.getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    timer.touch();
-    parts.push(value);
-  }
-  return Buffer.concat(parts);
 }
 
 function parseJson(buf: Buffer): unknown {
@@ -164,15 +230,32 @@ export async function forward(
     const upstreamId = upstream.headers.get("x-request-id");
     if (upstreamId) res.set("x-upstream-request-id", upstreamId);
 
-    const isStream = request.stream && (upstream.headers.get("content-type") ?? "").includes("text/event-stream");
-    if (upstream.ok && isStream) return await passStream(request, upstream, conn, timer, timeoutMessage);
+    const contentType = upstream.headers.get("content-type");
+    const type = mediaTypeOf(contentType);
+    if (upstream.ok) {
+      if (type !== JSON_TYPE && type !== SSE_TYPE) {
+        // Never read, never passed on (an HTML page with a script would be served as HTML).
+        controller.abort(new Error("unacceptable upstream content type"));
+        const bad = badContentType(contentType, [JSON_TYPE, SSE_TYPE]);
+        sendError(res, bad.error);
+        return failed(bad.message);
+      }
+      if (request.stream && type === SSE_TYPE) {
+        return await passStream(request, upstream, conn, timer, timeoutMessage, target.maxEventBytes, (why) => controller.abort(why));
+      }
+    }
 
     // A whole body: a JSON answer or an error.
     let raw: Buffer;
     try {
-      raw = await readAll(upstream.body, timer);
+      raw = await readBounded(upstream, target.maxBodyBytes, () => timer.touch());
     } catch (err) {
       if (conn.gone) return partial("client disconnected before the upstream answered");
+      if (err instanceof UpstreamTooLarge) {
+        controller.abort(err);
+        sendError(res, tooLargeError(err.maxBytes));
+        return failed(`${err.message}: stopped reading, upstream call aborted`);
+      }
       const why = timer.timedOut ? timeoutMessage("while answering") : `upstream answer broke off: ${describeFetchError(err)}`;
       sendError(res, timer.timedOut
         ? new ApiError(504, `The upstream stopped answering for ${target.timeoutMs} ms.`, "upstream_error", "upstream_timeout")
@@ -185,15 +268,15 @@ export async function forward(
       if (f.passthrough) {
         const retryAfter = upstream.headers.get("retry-after");
         if (retryAfter) res.set("retry-after", retryAfter);
-        res.status(upstream.status).type("application/json").send(raw);
+        res.status(upstream.status).set({ "content-type": JSON_TYPE, "x-content-type-options": "nosniff" }).send(raw);
       } else {
         sendError(res, f.error);
       }
       return failed(f.message, usageOf(request.kind, body));
     }
     if (conn.gone) return partial("client disconnected before the answer was sent");
-    // As received (res.end, not res.send: no ETag to compute over a POST's answer).
-    res.status(upstream.status).set({ "content-type": upstream.headers.get("content-type") ?? "application/json", "content-length": String(raw.length) });
+    // As received (res.end, not res.send: no ETag to compute over a POST's answer), as JSON or an event stream only.
+    res.status(upstream.status).set({ "content-type": type, "x-content-type-options": "nosniff", "content-length": String(raw.length) });
     res.end(raw);
     return completed(usageOf(request.kind, body));
   } finally {
@@ -208,9 +291,11 @@ async function passStream(
   conn: ClientConnection,
   timer: IdleTimer,
   timeoutMessage: (when: string) => string,
+  maxEventBytes: number,
+  abortUpstream: (why: Error) => void,
 ): Promise<Outcome> {
-  conn.startStream(upstream.status, { ...SSE_HEADERS });
-  const parser = new SseParser();
+  conn.startStream(upstream.status, { ...SSE_HEADERS, "x-content-type-options": "nosniff" });
+  const parser = new SseParser({ maxEventBytes });
   const watch = new StreamWatch(request.kind, request.clientWantsUsage);
   const relay = async (events: ReturnType<SseParser["push"]>) => {
     let out = "";
@@ -231,10 +316,20 @@ async function passStream(
     await relay(parser.end());
   } catch (err) {
     if (conn.gone) return partial("client disconnected mid-stream", watch.usage);
-    const why = timer.timedOut ? timeoutMessage("mid-stream") : `upstream stream broke off: ${describeFetchError(err)}`;
+    const tooLarge = err instanceof SseEventTooLarge;
+    if (tooLarge) abortUpstream(err);
+    const why = tooLarge
+      ? `upstream stream event larger than UPSTREAM_MAX_EVENT (${err.maxBytes} bytes): stopped reading, upstream call aborted`
+      : timer.timedOut
+        ? timeoutMessage("mid-stream")
+        : `upstream stream broke off: ${describeFetchError(err)}`;
     // The status line is gone: tell the client in the stream, as OpenAI does, then end it.
-    const message = timer.timedOut ? "The upstream stopped responding." : "The upstream stream broke off.";
-    const code = timer.timedOut ? "upstream_timeout" : "upstream_error";
+    const message = tooLarge
+      ? `The upstream sent an event too large for the gateway (more than ${err.maxBytes} bytes).`
+      : timer.timedOut
+        ? "The upstream stopped responding."
+        : "The upstream stream broke off.";
+    const code = tooLarge ? "upstream_event_too_large" : timer.timedOut ? "upstream_timeout" : "upstream_error";
     const event =
       request.kind === "chat"
         ? sseData({ error: { message, type: "upstream_error", param: null, code } })

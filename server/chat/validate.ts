@@ -20,6 +20,28 @@ export type Validation = { ok: true; request: ValidRequest } | { ok: false; erro
 
 const MAX_MODEL_LENGTH = 200; // the ledger's model column
 
+/** U+0000-U+001F and U+007F: never part of a model name, and they would reach logs and the ledger as is. */
+const CONTROL = /[\u0000-\u001f\u007f]/;
+
+/** What a model id in a URL path (GET /v1/models/:model) may be made of. */
+const MODEL_ID = /^[A-Za-z0-9._:/@+-]+$/;
+
+/**
+ * Why `id` is not a model id that may be put in an upstream URL, or null: at
+ * most 200 characters of [A-Za-z0-9._:/@+-], and no "." or ".." segment (as a
+ * path, it would name another resource of the upstream, fetched with the
+ * gateway's own key), nor an empty one ("/x", "x//y", "x/").
+ */
+export function modelIdProblem(id: string): string | null {
+  if (id === "") return "empty";
+  if (id.length > MAX_MODEL_LENGTH) return `longer than ${MAX_MODEL_LENGTH} characters`;
+  if (!MODEL_ID.test(id)) return "only letters, digits and . _ : / @ + - are allowed";
+  const segments = id.split("/");
+  if (segments.some((segment) => segment === "." || segment === "..")) return '"." and ".." are not model ids, nor parts of one';
+  if (segments.some((segment) => segment === "")) return "empty parts between slashes";
+  return null;
+}
+
 function typeName(v: unknown): string {
   if (v === null) return "null";
   if (Array.isArray(v)) return "an array";
@@ -47,9 +69,24 @@ function checkCommon(body: unknown): { body: Record<string, unknown>; model: str
   if (model.length > MAX_MODEL_LENGTH) {
     return badRequest(`Invalid 'model': longer than ${MAX_MODEL_LENGTH} characters.`, "model", "invalid_value");
   }
+  if (CONTROL.test(model)) {
+    return badRequest("Invalid 'model': control characters (U+0000-U+001F, U+007F) are not allowed.", "model", "invalid_value");
+  }
   const stream = body.stream;
   if (stream !== undefined && stream !== null && typeof stream !== "boolean") return wrongType("stream", "a boolean", stream);
   return { body, model, stream: stream === true };
+}
+
+/** The roles of OpenAI's chat and responses messages. */
+const ROLES = new Set(["system", "developer", "user", "assistant", "tool", "function"]);
+
+function checkContentParts(parts: unknown[], param: string): ApiError | null {
+  for (const [j, part] of parts.entries()) {
+    if (typeof part === "string") continue;
+    if (!isObject(part)) return wrongType(`${param}[${j}]`, "an object", part);
+    if (typeof part.type !== "string") return part.type === undefined ? missing(`${param}[${j}].type`) : wrongType(`${param}[${j}].type`, "a string", part.type);
+  }
+  return null;
 }
 
 function checkMessages(messages: unknown, param: string): ApiError | null {
@@ -57,13 +94,25 @@ function checkMessages(messages: unknown, param: string): ApiError | null {
   if (!Array.isArray(messages)) return wrongType(param, "an array of objects", messages);
   if (messages.length === 0 && param === "messages") return badRequest(`Invalid '${param}': empty array. Expected at least one message.`, param, "empty_array");
   for (const [i, m] of messages.entries()) {
-    if (!isObject(m)) return wrongType(`${param}[${i}]`, "an object", m);
-    if (m.role !== undefined && typeof m.role !== "string") return wrongType(`${param}[${i}].role`, "a string", m.role);
-    if (param === "messages" && m.role === undefined) return missing(`${param}[${i}].role`);
+    const at = `${param}[${i}]`;
+    if (!isObject(m)) return wrongType(at, "an object", m);
+    if (m.role !== undefined && typeof m.role !== "string") return wrongType(`${at}.role`, "a string", m.role);
+    if (param === "messages" && m.role === undefined) return missing(`${at}.role`);
+    // A responses input item is a message (role) or a typed item (function_call_output, ...).
+    if (param === "input" && m.role === undefined && typeof m.type !== "string") return missing(`${at}.role`);
+    if (typeof m.role === "string" && !ROLES.has(m.role)) {
+      return badRequest(`Invalid value for '${at}.role': "${m.role.slice(0, 40)}". Supported values are: ${[...ROLES].join(", ")}.`, `${at}.role`, "invalid_value");
+    }
     const c = m.content;
     if (c !== undefined && c !== null && typeof c !== "string" && !Array.isArray(c)) {
-      return wrongType(`${param}[${i}].content`, "a string or an array of content parts", c);
+      return wrongType(`${at}.content`, "a string or an array of content parts", c);
     }
+    if (Array.isArray(c)) {
+      const bad = checkContentParts(c, `${at}.content`);
+      if (bad) return bad;
+    }
+    // Only an assistant message may go without content (it carries tool calls instead).
+    if (param === "messages" && (c === undefined || c === null) && m.role !== "assistant") return missing(`${at}.content`);
   }
   return null;
 }

@@ -341,6 +341,11 @@ export function limitErrors(
 export function makeLimitsRule(limits: GraphQLLimits): ValidationRule {
   return (context) => ({
     OperationDefinition(operation) {
+      // graphql-js 16 leaves this to execution, which fails with an internal (masked) error.
+      if (operation.operation === "subscription" && !context.getSchema().getSubscriptionType()) {
+        context.reportError(new GraphQLError("This API has no subscriptions.", { nodes: [operation], extensions: { code: "SUBSCRIPTIONS_NOT_SUPPORTED" } }));
+        return;
+      }
       const analysis = analyzeOperation(context.getSchema(), operation, (n) => context.getFragment(n) ?? undefined, limits, null);
       for (const error of limitErrors(analysis, limits, operation)) context.reportError(error);
     },

@@ -1,7 +1,7 @@
 // The incremental SSE parser, the usage watcher and the echo model's tokens.
 import test from "ava";
 
-import { SseParser } from "../../server/chat/sse.js";
+import { SseEventTooLarge, SseParser } from "../../server/chat/sse.js";
 import { countTokens, splitTokens } from "../../server/chat/tokens.js";
 import { StreamWatch } from "../../server/chat/usage.js";
 import { uuidv7 } from "../../server/chat/requestId.js";
@@ -21,6 +21,63 @@ test("events split anywhere (even inside a UTF-8 character or a CRLF) come out w
     );
     t.is(events[0]!.raw, 'data: {"a":"é"}\n\n');
   }
+});
+
+test("events split into pieces of every size come out as from one piece", (t) => {
+  const text = "\n\ndata: a\n\n\n\ndata: b\r\n\r\n\r\n: c\n\nevent: e\ndata: é1\n\ndata: 🙂\r\rdata: mixed\r\n\ndata: last";
+  const all = bytes(text);
+  const whole = new SseParser();
+  const expected = [...whole.push(all), ...whole.end()];
+  t.deepEqual(expected.map((e) => e.data), ["a", "b", "", "é1", "🙂", "mixed", "last"]);
+  for (let size = 1; size <= 7; size++) {
+    const p = new SseParser();
+    const events = [];
+    for (let at = 0; at < all.length; at += size) events.push(...p.push(all.slice(at, at + size)));
+    events.push(...p.end());
+    t.deepEqual(events, expected, `pieces of ${size}`);
+  }
+});
+
+test("parsing is linear: 20 MB of one event in 1 KB chunks examines each character at most twice (searched, then joined)", (t) => {
+  const p = new SseParser({ maxEventBytes: 64 * 1024 * 1024 });
+  const piece = bytes("x".repeat(1024));
+  const head = bytes("data: ");
+  let fed = 0;
+  const feed = (b: Uint8Array) => {
+    fed += b.length;
+    const events = p.push(b);
+    // Checked as it goes: one chunk's work is bounded by that chunk, not by what is held.
+    if (!(p.scanned <= 2 * fed + 2 * p.pushes)) throw new Error(`scanned ${p.scanned} characters for ${fed} bytes`);
+    return events;
+  };
+  t.deepEqual(feed(head), []);
+  for (let i = 0; i < 20 * 1024; i++) if (feed(piece).length !== 0) throw new Error("no event is complete yet");
+  const events = [...feed(bytes("\n\ndata: next\n\n")), ...p.end()];
+  t.is(events.length, 2);
+  t.is(events[0]!.data.length, 20 * 1024 * 1024);
+  t.is(events[1]!.data, "next");
+  t.true(p.scanned <= 2 * fed + 2 * p.pushes, `scanned ${p.scanned} for ${fed}`);
+});
+
+test("one event larger than maxEventBytes throws as soon as it is, holding no more", (t) => {
+  const p = new SseParser({ maxEventBytes: 100 });
+  t.deepEqual(p.push(bytes("data: ok\n\n")).map((e) => e.data), ["ok"]);
+  t.deepEqual(p.push(bytes("data: " + "y".repeat(90))), []);
+  const err = t.throws(() => p.push(bytes("z".repeat(10))), { instanceOf: SseEventTooLarge });
+  t.is(err.maxBytes, 100);
+  // An event over the cap that arrives whole, in one chunk, is refused too.
+  const q = new SseParser({ maxEventBytes: 100 });
+  t.throws(() => q.push(bytes("data: " + "é".repeat(60) + "\n\n")), { instanceOf: SseEventTooLarge });
+  // Events completed before the oversized one in the same chunk come out first; then it throws.
+  const o = new SseParser({ maxEventBytes: 100 });
+  t.deepEqual(o.push(bytes("data: a\n\ndata: b\n\ndata: " + "y".repeat(200))).map((e) => e.data), ["a", "b"]);
+  t.throws(() => o.end(), { instanceOf: SseEventTooLarge });
+  const o2 = new SseParser({ maxEventBytes: 100 });
+  o2.push(bytes("data: a\n\ndata: " + "y".repeat(200) + "\n\n"));
+  t.throws(() => o2.push(bytes("data: c\n\n")), { instanceOf: SseEventTooLarge });
+  // Exactly at the cap: fine (the event's text, without its blank line).
+  const r = new SseParser({ maxEventBytes: 100 });
+  t.is(r.push(bytes("data: " + "w".repeat(94) + "\n\n"))[0]!.data.length, 94);
 });
 
 test("an unterminated last event is returned at the end", (t) => {

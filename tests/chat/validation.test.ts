@@ -1,5 +1,6 @@
 // Bad input is a 400 (413 for a body over BODY_LIMIT) in OpenAI's error shape,
-// before any upstream call, and is not recorded.
+// before any upstream call, and is not recorded; but authentication comes first
+// (no body is read for a caller without a usable key), on /v1 and on /graphql.
 import test from "ava";
 import OpenAI from "openai";
 
@@ -7,7 +8,8 @@ import type { RunningServer } from "../../server/main.js";
 import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
 import { startFakeUpstream, type FakeUpstream } from "../helpers/fakeUpstream.js";
 import { client, post } from "../helpers/chat.js";
-import { startTestServer } from "../helpers/server.js";
+import { ADMIN_TOKEN, startTestServer } from "../helpers/server.js";
+import { jsonDepthExceeds, MAX_JSON_DEPTH } from "../../server/http/jsonBody.js";
 import { sleep } from "../helpers/poll.js";
 
 let db: TestDb;
@@ -91,6 +93,77 @@ test("bad values are a 400", async (t) => {
   await expectError(t, chat, { model: "fake-ok", messages: [] }, 400, "empty_array", "messages");
   await expectError(t, chat, { model: "", messages }, 400, "invalid_value", "model");
   await expectError(t, chat, { model: "m".repeat(201), messages }, 400, "invalid_value", "model");
+});
+
+test("control characters in model are a 400 naming it, before anything is served", async (t) => {
+  for (const c of ["\u0000", "\u0001", "\n", "\r", "\t", "\u001b", "\u001f", "\u007f"]) {
+    await expectError(t, chat, { model: `gpt${c}4`, messages }, 400, "invalid_value", "model");
+    await expectError(t, "/v1/responses", { model: `${c}gpt`, input: "hi" }, 400, "invalid_value", "model");
+  }
+  await expectError(t, chat, { model: "m".repeat(200) + "\u0000", messages }, 400, "invalid_value", "model");
+});
+
+const nested = (depth: number) => "[".repeat(depth) + "]".repeat(depth);
+
+test("a body nested deeper than 400 is a 400 json_too_deep, checked before parsing", async (t) => {
+  // 400k arrays once overflowed the stack (and were recorded as "upstream unreachable").
+  await expectError(t, chat, `{"model":"fake-ok","messages":${nested(1000)}}`, 400, "json_too_deep", null);
+  await expectError(t, chat, nested(1000), 400, "json_too_deep", null);
+  // Brackets inside strings are text, not nesting.
+  await expectError(t, chat, JSON.stringify({ model: "fake-ok", messages: "[".repeat(1500) }), 400, "invalid_type", "messages");
+  // 400 levels are fine (and then judged as usual): the body itself is level 1.
+  await expectError(t, chat, `{"model":"fake-ok","messages":${nested(399)}}`, 400, "invalid_type", "messages[0]");
+  await expectError(t, chat, `{"model":"fake-ok","messages":${nested(400)}}`, 400, "json_too_deep", null);
+});
+
+test("authentication comes before the body is read: no key with a malformed, deep or huge body is a 401", async (t) => {
+  for (const path of [chat, "/v1/responses"]) {
+    await expectError(t, path, '{"model": "fake-ok", "messages": [', 401, "missing_api_key", undefined, {});
+    await expectError(t, path, nested(5000), 401, "missing_api_key", undefined, {});
+    await expectError(t, path, { model: "fake-ok", input: "x".repeat(64 * 1024) }, 401, "missing_api_key", undefined, {});
+    await expectError(t, path, '{"model": "fake-ok", "messages": [', 401, "invalid_api_key", undefined, { authorization: "Bearer kt_live_nope" });
+    await expectError(t, path, { model: "fake-ok", input: "x".repeat(64 * 1024) }, 401, "invalid_api_key", undefined, { authorization: "Bearer kt_live_nope" });
+  }
+});
+
+test("the depth pre-scan skips strings (escaped quotes included) and reads other UTF charsets", async (t) => {
+  t.false(jsonDepthExceeds('["\\"[[[[", "]]]]"]', 1));
+  t.true(jsonDepthExceeds('[["\\"[", []]]', 2));
+  t.true(jsonDepthExceeds(new TextEncoder().encode('{"a":"é","b":[[1]]}'), 2));
+  t.false(jsonDepthExceeds(new TextEncoder().encode('{"a":"é","b":[[1]]}'), 3));
+  const res = await fetch(server.url + chat, {
+    method: "POST",
+    headers: { "content-type": "application/json; charset=utf-16le", ...auth },
+    body: Buffer.from(`{"model":"fake-ok","messages":${nested(MAX_JSON_DEPTH)}}`, "utf16le"),
+  });
+  t.is(res.status, 400);
+  t.is((await res.json()).error.code, "json_too_deep");
+});
+
+test("/graphql authenticates before reading its body too, with the same parser", async (t) => {
+  const gql = (body: string, token?: string) =>
+    fetch(`${server.url}/graphql`, {
+      method: "POST",
+      headers: { "content-type": "application/json", ...(token ? { authorization: `Bearer ${token}` } : {}) },
+      body,
+    });
+  for (const body of ['{"query": ', nested(5000), JSON.stringify({ query: "{ __typename }", pad: "x".repeat(8192) })]) {
+    const res = await gql(body, "kt_live_not_a_key");
+    t.is(res.status, 401, body.slice(0, 20));
+    t.is((await res.json()).errors[0].extensions.code, "UNAUTHENTICATED");
+  }
+  const deep = await gql(`{"query":"{ __typename }","variables":{"a":${nested(500)}}}`, ADMIN_TOKEN);
+  t.is(deep.status, 400);
+  t.is((await deep.json()).error.code, "json_too_deep");
+  const malformed = await gql('{"query": ', ADMIN_TOKEN);
+  t.is(malformed.status, 400);
+  t.is((await malformed.json()).error.code, "invalid_json");
+  const huge = await gql(JSON.stringify({ query: "{ __typename }", pad: "x".repeat(8192) }), ADMIN_TOKEN);
+  t.is(huge.status, 413);
+  t.is((await huge.json()).error.code, "body_too_large");
+  const fine = await gql(JSON.stringify({ query: "{ __typename }" }), ADMIN_TOKEN);
+  t.is(fine.status, 200);
+  t.deepEqual(await fine.json(), { data: { __typename: "Query" } });
 });
 
 test("the official client raises BadRequestError for a missing field", async (t) => {

@@ -8,6 +8,14 @@
 //   fake-slow          streams a chunk every 20 ms for 10 s (disconnect tests)
 //   fake-usage-last    streams usage on the last content chunk only (no usage-only chunk)
 //   fake-no-usage      streams without any usage
+//   fake-huge-body     a 200 JSON answer of HUGE_TOTAL_BYTES (never a complete JSON document),
+//                      written with backpressure until done or the gateway hangs up
+//   fake-huge-event    a 200 event stream whose one event never ends (HUGE_TOTAL_BYTES of data)
+//   fake-html          a 200 text/html answer with a script (streamed or not)
+//   fake-no-type       a 200 JSON answer without a content type
+// GET /v1/models lists fake-ok; GET /v1/models/<id> answers that model (fake-html: text/html,
+// fake-huge-body: a huge JSON body); GET on anything else (the upstream's root) answers
+// "upstream root", so a test can tell the gateway reached it.
 // Streams follow `stream: true`; a chat stream adds the usage-only chunk when
 // stream_options.include_usage is true. Every request is logged in `calls`.
 import http from "node:http";
@@ -22,6 +30,8 @@ export interface FakeCall {
   /** The gateway closed the connection before the answer ended. */
   aborted: boolean;
   ended: boolean;
+  /** Bytes of body this fake wrote (or handed to the socket) for the answer. */
+  bytesWritten: number;
 }
 
 export interface FakeUpstream {
@@ -32,6 +42,30 @@ export interface FakeUpstream {
 
 export const FAKE_USAGE = { input: 11, output: 7 };
 export const FAKE_TEXT = ["Hello", " from", " the", " fake", " upstream", "."];
+/** What fake-huge-body and fake-huge-event would send in all, were they read to the end. */
+export const HUGE_TOTAL_BYTES = 64 * 1024 * 1024;
+const HUGE_PIECE = Buffer.alloc(64 * 1024, "x");
+
+/** Writes `head`, then filler up to HUGE_TOTAL_BYTES with backpressure, stopping when the gateway hangs up. */
+async function writeHuge(res: http.ServerResponse, call: FakeCall, head: string): Promise<void> {
+  const write = async (data: string | Buffer) => {
+    call.bytesWritten += Buffer.byteLength(data);
+    if (!res.write(data)) await new Promise<void>((resolve) => {
+      const done = () => {
+        res.off("drain", done);
+        res.off("close", done);
+        resolve();
+      };
+      res.on("drain", done);
+      res.on("close", done);
+    });
+  };
+  await write(head);
+  while (call.bytesWritten < HUGE_TOTAL_BYTES && !call.aborted && !res.destroyed) await write(HUGE_PIECE);
+  if (!res.destroyed) res.end();
+}
+
+const HTML = "<!doctype html><html><body><script>alert(document.cookie)</script></body></html>";
 
 function chatJson(model: string) {
   return {
@@ -104,15 +138,27 @@ export async function startFakeUpstream(): Promise<FakeUpstream> {
     const chunks: Buffer[] = [];
     for await (const c of req) chunks.push(c as Buffer);
     const text = Buffer.concat(chunks).toString("utf8");
-    const call: FakeCall = { path: req.url ?? "", headers: req.headers, body: text ? JSON.parse(text) : null, aborted: false, ended: false };
+    const call: FakeCall = { path: req.url ?? "", headers: req.headers, body: text ? JSON.parse(text) : null, aborted: false, ended: false, bytesWritten: 0 };
     calls.push(call);
     res.on("close", () => {
       if (!res.writableFinished) call.aborted = true;
     });
     res.on("finish", () => (call.ended = true));
 
-    if (req.method === "GET" && req.url === "/v1/models") {
-      return void res.end(JSON.stringify({ object: "list", data: [{ id: "fake-ok", object: "model", created: 1, owned_by: "fake" }] }));
+    if (req.method === "GET") {
+      const json = { "content-type": "application/json" };
+      if (req.url === "/v1/models") {
+        return void res.writeHead(200, json).end(JSON.stringify({ object: "list", data: [{ id: "fake-ok", object: "model", created: 1, owned_by: "fake" }] }));
+      }
+      const one = /^\/v1\/models\/([^/?]+)$/.exec(req.url ?? "");
+      if (!one) return void res.writeHead(200, json).end(JSON.stringify({ message: "upstream root" }));
+      const id = decodeURIComponent(one[1]!);
+      if (id === "fake-html") return void res.writeHead(200, { "content-type": "text/html" }).end(HTML);
+      if (id === "fake-huge-body") {
+        res.writeHead(200, json);
+        return writeHuge(res, call, '{"id":"');
+      }
+      return void res.writeHead(200, json).end(JSON.stringify({ id, object: "model", created: 1, owned_by: "fake" }));
     }
     const model: string = call.body?.model ?? "";
     const kind = req.url === "/v1/responses" ? "responses" : req.url === "/v1/chat/completions" ? "chat" : null;
@@ -125,6 +171,20 @@ export async function startFakeUpstream(): Promise<FakeUpstream> {
     if (model === "fake-401") return error(401, "bad upstream key");
     // Never answers (fake-hang, or fake-hang-<anything> to tell calls apart).
     if (model === "fake-hang" || model.startsWith("fake-hang-")) return;
+    if (model === "fake-html") return void res.writeHead(200, { "content-type": "text/html; charset=utf-8" }).end(HTML);
+    if (model === "fake-no-type") {
+      const body = JSON.stringify(chatJson(model));
+      return void res.writeHead(200, { "content-length": String(Buffer.byteLength(body)) }).end(body);
+    }
+    if (model === "fake-huge-body") {
+      res.writeHead(200, { "content-type": "application/json" });
+      return writeHuge(res, call, '{"id":"');
+    }
+    if (model === "fake-huge-event") {
+      res.writeHead(200, { "content-type": "text/event-stream" });
+      res.write(chunk(model, { role: "assistant", content: "" }));
+      return writeHuge(res, call, 'data: {"filler":"');
+    }
     const delay = /^fake-delay-(\d+)$/.exec(model);
     if (delay) await sleep(Number(delay[1]));
     if (call.body.stream) {

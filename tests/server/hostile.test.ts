@@ -109,9 +109,10 @@ function cases(): Case[] {
   out.push({ name: "chat with the admin token", method: "POST", path: "/v1/chat/completions", headers: { ...json, authorization: `Bearer ${ADMIN_TOKEN}` }, body: JSON.stringify({ model: "echo", messages }), status: 401 });
 
   // Model ids and path tricks.
-  const badIds = ["%2E%2E", "%2e", "..%2F..", "a%00b", "x".repeat(300), "%2F", "a%2F..%2F..%2Fadmin", "%E2%80%AE", "a%0Ab", "..%5C..", "%252E%252E"];
+  // (fetch resolves "%2E"-style dot segments itself; tests/chat/hostile.test.ts sends those raw.)
+  const badIds = ["..%2F..", "a%00b", "x".repeat(300), "%2F", "a%2F..%2F..%2Fadmin", "%E2%80%AE", "a%0Ab", "..%5C..", "%252E%252E"];
   for (const id of badIds) out.push({ name: `models/${id.slice(0, 20)}`, path: `/v1/models/${id}`, headers: { authorization: `Bearer ${key}` } });
-  const badPaths = ["/v1/chat/completions/..%2F..%2Fadmin", "/v1/%2E%2E/admin/monitoring/api-key-tracking-quality", "/%2e%2e/%2e%2e/etc/passwd",
+  const badPaths = ["/v1/chat/completions/..%2F..%2Fadmin", "/%2e%2e/%2e%2e/etc/passwd",
     "/v1/chat/completions%00", "/v1/chat", "/v2/chat/completions", "/admin", "/admin/monitoring/", "/admin/monitoring/nothing", "/graphql/..",
     "/metrics/..", "/.env", "/v1/models/echo/extra", "/favicon.ico", "/index.php"];
   for (const path of badPaths) out.push({ name: `path ${path}`, path, headers: { authorization: `Bearer ${key}` } });
