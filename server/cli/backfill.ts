@@ -8,6 +8,7 @@ import "../preamble.js";
 import pg from "pg";
 import { ConfigError, loadConfig } from "../config.js";
 import { connectForCli } from "./connect.js";
+import { runCli } from "./run.js";
 import { ProgressBar } from "./progress.js";
 
 interface Run {
@@ -87,12 +88,4 @@ async function main(): Promise<number> {
   }
 }
 
-if (import.meta.url === `file://${process.argv[1]}`) {
-  main().then(
-    (code) => process.exit(code),
-    (err) => {
-      console.error(err instanceof ConfigError ? `backfill: ${err.message}` : `backfill: ${err.stack ?? err}`);
-      process.exit(err instanceof ConfigError ? 2 : 1);
-    },
-  );
-}
+runCli("backfill", import.meta.url, main);

@@ -18,6 +18,7 @@ import pg from "pg";
 
 import { ConfigError, loadConfig } from "../config.js";
 import { connectForCli } from "./connect.js";
+import { runCli } from "./run.js";
 import { ProgressBar } from "./progress.js";
 
 export type KeyImportFormat = "jsonl" | "csv";
@@ -176,12 +177,4 @@ async function main(): Promise<number> {
   }
 }
 
-if (import.meta.url === `file://${process.argv[1]}`) {
-  main().then(
-    (code) => process.exit(code),
-    (err) => {
-      console.error(err instanceof ConfigError ? `keys:import: ${err.message}` : `keys:import: ${err.stack ?? err}`);
-      process.exit(err instanceof ConfigError ? 2 : 1);
-    },
-  );
-}
+runCli("keys:import", import.meta.url, main);
