@@ -21,7 +21,10 @@ async function fileLines(file: string): Promise<string[]> {
 
 test("an entry survives encoding: Buffer as hex, dates as ISO text", (t) => {
   const e: SpoolEntry = {
-    row: makeRow({ apiKeyHash: apiKeyHash("k"), apiKeyId: null, userId: null, attributionReason: "dev_bypass", status: "partial", errorMessage: "client went away" }),
+    row: makeRow({
+      apiKeyHash: apiKeyHash("k"), apiKeyId: null, userId: null, attributionReason: "dev_bypass", status: "partial", errorMessage: "client went away",
+      processId: "3f9d2a6e-0000-4000-8000-000000000001", processSeq: 42,
+    }),
     spooledAt: new Date("2025-03-04T05:06:07.089Z"),
   };
   const line = encodeEntry(e);
@@ -32,6 +35,9 @@ test("an entry survives encoding: Buffer as hex, dates as ISO text", (t) => {
   t.throws(() => decodeEntry(JSON.stringify({ ...parsed, row: { ...parsed.row, status: "nope" } })), { message: /status/ });
   t.throws(() => decodeEntry(JSON.stringify({ ...parsed, row: { ...parsed.row, apiKeyHash: "xyz" } })), { message: /hex/ });
   t.throws(() => decodeEntry(JSON.stringify({ ...parsed, v: 2 })), { message: /version 1/ });
+  // Lines spooled before completeness numbering have no process: they decode with none.
+  const { processId: _p, processSeq: _s, ...older } = parsed.row;
+  t.like(decodeEntry(JSON.stringify({ ...parsed, row: older })).row, { processId: null, processSeq: null });
   t.throws(() => decodeEntry("{not json"));
 });
 
