@@ -16,9 +16,9 @@ test.after.always(async () => {
 });
 
 const KEYS = 40;
-const ROWS = 20_000;
+const ROWS = 100_000;
 
-test("imports, two retry workers and a backfill at once on 20,000 pending rows: no error, all attributed", async (t) => {
+test("imports, two retry workers and a backfill at once on 100,000 pending rows: no error, all attributed", async (t) => {
   const user = await createUser(db, "late-keys@example.com");
   // Rows presenting 40 keys that are not registered yet: all pending.
   await db.owner.query(
