@@ -9,7 +9,8 @@
  * 5. /metrics (Prometheus)
  * 6. /v1: the OpenAI-compatible gateway
  * 7. /admin/monitoring: the spec's monitoring endpoints
- * 8. whatever the caller adds (tests), then the JSON 404 and error handlers
+ * 8. / and /console: the admin console (server/console)
+ * 9. whatever the caller adds (tests), then the JSON 404 and error handlers
  */
 // Before PostGraphile is evaluated (tests may import this file directly).
 import "./preamble.js";
@@ -18,6 +19,7 @@ import express from "express";
 import type { PostGraphileInstance } from "postgraphile";
 
 import { installChat } from "./chat/installChat.js";
+import { installConsole } from "./console/installConsole.js";
 import { jsonBody } from "./http/jsonBody.js";
 import type { AppContext, Installer } from "./context.js";
 import { installMetrics, installMetricsEndpoint } from "./metrics/installMetrics.js";
@@ -49,7 +51,7 @@ export async function makeApp(ctx: AppContext, options: MakeAppOptions = {}): Pr
   app.use(GRAPHQL_PATH, jsonBody(ctx.config));
   const postgraphile = await installPostGraphile(app, ctx);
   try {
-    for (const install of [installMetricsEndpoint, installChat, installMonitoring, ...(options.extraInstallers ?? [])]) {
+    for (const install of [installMetricsEndpoint, installChat, installMonitoring, installConsole, ...(options.extraInstallers ?? [])]) {
       await install(app, ctx);
     }
     installErrorHandler(app, ctx);
