@@ -216,6 +216,78 @@ export function isConnected(config: Config): config is ConnectedConfig {
   return config.db !== null;
 }
 
+/**
+ * Every setting loadConfig reads (a test checks that it reads exactly these): the names
+ * unknownSettingWarnings compares the environment against.
+ */
+export const SETTING_NAMES: readonly string[] = [
+  "DATABASE_URL", "ROOT_DATABASE_URL", "AUTH_DATABASE_URL", "SHADOW_DATABASE_URL", "READ_DATABASE_URL",
+  "KEYTRACK_DATA_DIR", "EMBEDDED_PG_PORT", "PORT", "HOST", "APP_ENV", "ADMIN_API_KEY", "ALLOW_ANONYMOUS",
+  "UPSTREAM_BASE_URL", "UPSTREAM_API_KEY", "UPSTREAM_TIMEOUT_MS", "UPSTREAM_MAX_BODY", "UPSTREAM_MAX_EVENT",
+  "AUTH_CACHE_TTL_MS", "AUTH_STALE_MAX_MS", "METRICS_TOKEN", "RETENTION_DAYS", "WORKER", "WORKER_CONCURRENCY",
+  "ATTRIBUTION_RETRY_MAX_ATTEMPTS", "ATTRIBUTION_RETRY_BASE_MS", "ATTRIBUTION_RETRY_MAX_MS",
+  "ATTRIBUTION_RETRY_BATCH_SIZE", "BACKFILL_BATCH_SIZE", "RECORD_RETRY_ATTEMPTS", "RECORD_RETRY_BASE_MS",
+  "LOG_LEVEL", "BODY_LIMIT", "ECHO_MODEL", "GRAPHIQL", "GRAPHQL_DEFAULT_PAGE_SIZE", "GRAPHQL_MAX_PAGE_SIZE",
+  "GRAPHQL_MAX_COST", "GRAPHQL_MAX_DEPTH", "GRAPHQL_STATEMENT_TIMEOUT_MS", "MAX_LIVE_KEYS_PER_USER",
+  "COMPLETENESS_HEARTBEAT_MS",
+];
+
+/** Variables keytrack's tools read that are not service settings (never reported as look-alikes). */
+const OTHER_NAMES: readonly string[] = ["TEST_DATABASE_URL", "KEYTRACK_TEST_ROOT_URL", "KEYTRACK_SKIP_PROMTOOL"];
+
+/** Upper case, no underscores, dashes or dots: ADMIN_APIKEY, admin_api_key and ADMINAPIKEY compare equal. */
+function normaliseName(name: string): string {
+  return name.toUpperCase().replace(/[_\-.]/g, "");
+}
+
+/** Edit distance (insertions, deletions, substitutions, swaps of neighbours), giving up past `max`. */
+function editDistance(a: string, b: string, max: number): number {
+  if (Math.abs(a.length - b.length) > max) return max + 1;
+  const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) => [i, ...new Array<number>(b.length).fill(0)]);
+  for (let j = 1; j <= b.length; j++) d[0]![j] = j;
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      let v = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) v = Math.min(v, d[i - 2]![j - 2]! + 1);
+      d[i]![j] = v;
+    }
+  }
+  return d[a.length]![b.length]!;
+}
+
+/**
+ * Environment variables that look like a setting but are not one (DATABSE_URL,
+ * ADMIN_APIKEY, KEYTRACK_DATADIR), each with the setting probably meant: same
+ * name ignoring case and underscores, or within edit distance 2 (1 for names
+ * of under 8 letters, so HOME is not taken for HOST nor PGPORT for PORT).
+ * Only warnings: a stray variable never stops the service.
+ */
+export function unknownSettingWarnings(env: NodeJS.ProcessEnv = process.env): Array<{ name: string; meant: string; message: string }> {
+  const known = new Set([...SETTING_NAMES, ...OTHER_NAMES]);
+  const out: Array<{ name: string; meant: string; message: string }> = [];
+  for (const name of Object.keys(env).sort()) {
+    if (known.has(name) || env[name] === undefined) continue;
+    const n = normaliseName(name);
+    if (n.length < 3) continue;
+    let best: { meant: string; distance: number } | null = null;
+    for (const setting of SETTING_NAMES) {
+      const s = normaliseName(setting);
+      const max = Math.min(s.length, n.length) >= 8 ? 2 : 1;
+      const distance = n === s ? 0 : editDistance(n, s, max);
+      if (distance <= max && (best === null || distance < best.distance)) best = { meant: setting, distance };
+    }
+    if (best) {
+      out.push({
+        name,
+        meant: best.meant,
+        message: `${name} is set, but keytrack has no such setting: did you mean ${best.meant}? (it is ignored)`,
+      });
+    }
+  }
+  return out;
+}
+
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   const databaseUrl = pgUrl(env, "DATABASE_URL");
   // Development (anonymous requests, a dev key, internals in 500 bodies) is the default only

@@ -1,9 +1,9 @@
 // Must be evaluated before anything from PostGraphile: keep this import first.
 import "./preamble.js";
 
-import { ConfigError, loadConfig, type Config } from "./config.js";
+import { ConfigError, loadConfig, unknownSettingWarnings, type Config } from "./config.js";
 import { createLogger } from "./log.js";
-import { startServer } from "./main.js";
+import { startServer, StartupError } from "./main.js";
 
 let config: Config;
 try {
@@ -18,11 +18,16 @@ try {
 
 const log = createLogger({ level: config.logLevel, json: config.appEnv === "production" });
 
+// Look-alikes of settings (DATABSE_URL, ADMIN_APIKEY): probably meant, certainly ignored.
+for (const w of unknownSettingWarnings(process.env)) log.warn(w.message, { variable: w.name, setting: w.meant });
+
 let server: Awaited<ReturnType<typeof startServer>>;
 try {
   server = await startServer(config, { log });
 } catch (err) {
-  log.error("keytrack failed to start", { error: err });
+  // A cause the operator fixes from the message alone (busy PORT, unreachable database): one line, no stack.
+  if (err instanceof StartupError) process.stderr.write(`keytrack: ${err.message}\n`);
+  else log.error("keytrack failed to start", { error: err });
   process.exit(1);
 }
 

@@ -26,7 +26,8 @@ export type ChatAuthResult = { ok: true; identity: ChatIdentity } | { ok: false;
 const unauthorized = (message: string, code: string) => new ApiError(401, message, "invalid_request_error", code);
 
 const REFUSALS = {
-  missing: unauthorized("No API key provided: send `Authorization: Bearer <key>`.", "missing_api_key"),
+  // Worded as the admin endpoints' (server/monitoring/requireAdmin.ts); the code stays the gateway's own.
+  missing: unauthorized("No credentials: send Authorization: Bearer <key>", "missing_api_key"),
   malformed_authorization_header: unauthorized("Malformed Authorization header: expected `Bearer <key>`.", "invalid_api_key"),
   dev_key_outside_development: unauthorized("Development keys are refused outside development mode.", "invalid_api_key"),
   admin_token: unauthorized("The admin token is not an API key: requests through the gateway need a user's API key.", "invalid_api_key"),

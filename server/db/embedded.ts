@@ -35,8 +35,13 @@ export interface EmbeddedPostgres {
   ownerUrl: string;
   socketDir: string;
   pgDataDir: string;
-  /** True when a server left running by an earlier (crashed) run was adopted. */
-  reused: boolean;
+  /** True when the cluster's data was already there (an earlier start made it): nothing was initialised. */
+  existingData: boolean;
+  /**
+   * True when a server already running on this data folder (another keytrack process, or one left
+   * by a crashed run) was joined instead of started: stop() then leaves it running.
+   */
+  joinedRunning: boolean;
   stop(): Promise<void>;
 }
 
@@ -217,10 +222,12 @@ function runBinary(
   runAs: RunAs | null,
   onLog: (chunk: string) => void,
   ready?: RegExp,
+  detached = false,
 ): Promise<ChildProcess> {
   return new Promise((resolve, reject) => {
     const child = spawn(file, args, {
       ...(runAs ? { uid: runAs.uid, gid: runAs.gid } : {}),
+      detached,
       env: { ...process.env, LC_ALL: "C" },
       stdio: ["ignore", "pipe", "pipe"],
     });
@@ -258,12 +265,12 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
   const port = opts.port;
   const isRoot = os.userInfo().uid === 0;
 
-  const result = (reused: boolean, stop: () => Promise<void>): EmbeddedPostgres => ({
+  const result = (state: { existingData: boolean; joinedRunning: boolean }, stop: () => Promise<void>): EmbeddedPostgres => ({
     rootUrl: socketUrl("postgres", "postgres", socketDir, port),
     ownerUrl: socketUrl(EMBEDDED_OWNER, EMBEDDED_DATABASE, socketDir, port),
     socketDir,
     pgDataDir,
-    reused,
+    ...state,
     stop,
   });
 
@@ -277,7 +284,7 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
       // (`npm start` beside `npm run db:watch` or `npm run backfill`): use it,
       // and leave it running when we stop. Its owner stops it.
       log(`embedded PostgreSQL already running (pid ${pidFile.pid}), reusing it`);
-      return result(true, async () => {});
+      return result({ existingData: true, joinedRunning: true }, async () => {});
     }
     if (Number.isFinite(pidFile.pid) && processAlive(pidFile.pid)) {
       const cmdline = await fs.readFile(`/proc/${pidFile.pid}/cmdline`, "utf8").catch(() => "");
@@ -312,7 +319,8 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
   if (isRoot) runAs ??= await ensurePostgresUser(log);
   const bin = await resolveBinaries(runAs, log);
 
-  if (!(await exists(path.join(pgDataDir, "PG_VERSION")))) {
+  const existingData = await exists(path.join(pgDataDir, "PG_VERSION"));
+  if (!existingData) {
     if (runAs) await assertTraversable(pgDataDir, runAs);
     // initdb refuses a non-empty folder: a half-made one (crash during init) is removed.
     if (await exists(pgDataDir)) {
@@ -360,6 +368,9 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
       runAs,
       onLog,
       /database system is ready to accept connections/,
+      // Its own process group: Ctrl-C in a terminal signals the foreground group, and the server
+      // must stop when keytrack has closed its pools (stop() below), not under their feet.
+      true,
     );
   } catch (e) {
     throw new Error(
@@ -367,9 +378,10 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
         lines.slice(-10).join("\n"),
     );
   }
-  // A safety net: if this process exits without stop(), take the server down too.
+  // A safety net: if this process exits without stop(), take the server down too (it is in a
+  // process group of its own, so nothing else would: not even the terminal's Ctrl-C).
   const onExit = () => {
-    if (child.exitCode === null) child.kill("SIGINT");
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGINT");
   };
   process.once("exit", onExit);
 
@@ -381,7 +393,12 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
     child.kill("SIGINT"); // fast shutdown: roll back open transactions, checkpoint, exit
     const timeout = new Promise<void>((resolve) => setTimeout(resolve, 60_000).unref());
     await Promise.race([exited, timeout]);
-    if (child.exitCode === null && child.signalCode === null) log(`embedded PostgreSQL (pid ${child.pid}) did not stop in 60 s`);
+    if (child.exitCode === null && child.signalCode === null) {
+      log(`embedded PostgreSQL (pid ${child.pid}) did not stop in 60 s`);
+      return;
+    }
+    // A clean stop leaves the socket folder empty: remove it (a folder still holding something is kept).
+    await fs.rmdir(socketDir).catch(() => {});
   };
-  return result(false, () => (stopping ??= stop()));
+  return result({ existingData, joinedRunning: false }, () => (stopping ??= stop()));
 }

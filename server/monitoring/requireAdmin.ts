@@ -12,8 +12,8 @@ import type express from "express";
 import type { AppContext } from "../context.js";
 import { ApiError, sendError } from "../http/errors.js";
 
-const MISSING = new ApiError(401, "this endpoint needs Authorization: Bearer <ADMIN_API_KEY or an admin user's API key>",
-  "authentication_error", "missing_credentials");
+// Worded as the gateway's (server/chat/identity.ts); the key: ADMIN_API_KEY or an admin user's API key.
+const MISSING = new ApiError(401, "No credentials: send Authorization: Bearer <key>", "authentication_error", "missing_credentials");
 const INVALID = new ApiError(401, "invalid credentials", "authentication_error", "invalid_credentials");
 const UNAVAILABLE = new ApiError(503, "authentication is unavailable, try again", "server_error", "authentication_unavailable");
 const FORBIDDEN = new ApiError(403, "this endpoint is for admins only", "permission_error", "forbidden");

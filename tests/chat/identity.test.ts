@@ -26,7 +26,7 @@ const NONE: Authentication = { ok: true, principal: null };
 
 test("no credentials: anonymous only when allowed; in development, the dev key or the bypass", (t) => {
   const none = (config: Parameters<typeof ctxWith>[0]) => chatIdentity(ctxWith(config), NONE);
-  t.like(none({ allowAnonymous: false }), { ok: false, error: { status: 401, code: "missing_api_key" } });
+  t.like(none({ allowAnonymous: false }), { ok: false, error: { status: 401, code: "missing_api_key", message: "No credentials: send Authorization: Bearer <key>" } });
   t.deepEqual(none({ allowAnonymous: true }), { ok: true, identity: { kind: "anonymous" } });
   t.deepEqual(none({ appEnv: "development", allowAnonymous: true }), { ok: true, identity: { kind: "anonymous" } });
   t.deepEqual(none({ appEnv: "development", devKey: { kind: "key", key: "dev_local_x", apiKeyId: "k9" } }), {

@@ -50,7 +50,8 @@ for (const path of [QUALITY, TREND]) {
     t.is(r.status, 401);
     t.regex(r.type ?? "", /application\/json/);
     t.regex(r.challenge ?? "", /^Bearer/);
-    t.like(r.body, { error: { type: "authentication_error", code: "missing_credentials" } });
+    // Worded as the gateway's missing-credentials error.
+    t.like(r.body, { error: { type: "authentication_error", code: "missing_credentials", message: "No credentials: send Authorization: Bearer <key>" } });
   });
 
   test(`${path}: wrong, malformed or revoked credentials are a 401`, async (t) => {

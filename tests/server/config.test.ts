@@ -3,7 +3,7 @@
 import test from "ava";
 import { spawnSync } from "node:child_process";
 import path from "node:path";
-import { ConfigError, loadConfig } from "../../server/config.js";
+import { ConfigError, loadConfig, SETTING_NAMES, unknownSettingWarnings } from "../../server/config.js";
 import { projectRoot } from "../../server/db/projectRoot.js";
 
 test("defaults: port 8000, development, anonymous allowed in development only, embedded database", (t) => {
@@ -69,4 +69,32 @@ test("the entry point stops with exit code 2 and names the bad setting", (t) => 
   });
   t.is(res.status, 2);
   t.regex(res.stderr, /keytrack: configuration error: PORT must be an integer 0\.\.65535, got "-1"/);
+});
+
+test("SETTING_NAMES is exactly what loadConfig reads", (t) => {
+  const read = new Set<string>();
+  const env = new Proxy({} as NodeJS.ProcessEnv, {
+    get: (_target, name) => {
+      if (typeof name === "string") read.add(name);
+      return undefined;
+    },
+  });
+  loadConfig(env);
+  t.deepEqual([...read].sort(), [...SETTING_NAMES].sort());
+});
+
+test("variables that look like settings are reported with the name probably meant; others are left alone", (t) => {
+  const warnings = unknownSettingWarnings({
+    DATABSE_URL: "postgres://x@y/z", ADMIN_APIKEY: "x", KEYTRACK_DATADIR: "/tmp/x", log_level: "debug", WORKERS: "2",
+    // Not look-alikes: settings themselves, common variables, and the tools' own.
+    DATABASE_URL: "postgres://x@y/z", PORT: "1", HOME: "/root", PGPORT: "5432", PGHOST: "db", HOSTNAME: "h", PATH: "/bin",
+    NODE_ENV: "production", PGUSER: "me", TEST_DATABASE_URL: "postgres://x@y/z", USER: "me", SHELL: "/bin/sh",
+  });
+  t.deepEqual(
+    warnings.map((w) => [w.name, w.meant]),
+    [["ADMIN_APIKEY", "ADMIN_API_KEY"], ["DATABSE_URL", "DATABASE_URL"], ["KEYTRACK_DATADIR", "KEYTRACK_DATA_DIR"], ["WORKERS", "WORKER"], ["log_level", "LOG_LEVEL"]],
+  );
+  t.regex(warnings[1]!.message, /^DATABSE_URL is set, but keytrack has no such setting: did you mean DATABASE_URL\?/);
+  // Never fatal.
+  t.notThrows(() => loadConfig({ DATABSE_URL: "x", ADMIN_APIKEY: "y" }));
 });
