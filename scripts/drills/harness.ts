@@ -1,11 +1,11 @@
-// What the drills (scripts/drills/outage.ts, scripts/drills/load.ts) share:
+// What the drills (scripts/drills/outage.ts, load.ts, attribution.ts) share:
 // a temporary folder, a PostgreSQL cluster of their own in it (the embedded
 // one: Unix socket only, random port; never the machine's shared server), the
-// keytrack service as a child process on a loopback port, users and keys made
-// in SQL, /metrics, the drain (spool empty and every served request id in the
-// ledger), the ledger check (lost, duplicates, attribution), the printed
-// summary and the cleanup that runs on every exit (success, failed assertion,
-// exception, signal, time limit).
+// keytrack service as a child process on a loopback port, steady chat traffic
+// at a fixed rate, users and keys made in SQL, /metrics, the drain (spool
+// empty and every served request id in the ledger), the ledger check (lost,
+// duplicates, attribution), the printed summary and the cleanup that runs on
+// every exit (success, failed assertion, exception, signal, time limit).
 import { spawn, type ChildProcess } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { createWriteStream, type WriteStream } from "node:fs";
@@ -246,12 +246,24 @@ export class Cluster {
   }
 }
 
+/**
+ * The application_name of every connection the drills open themselves, so
+ * that a drill can tell its own backends from the service's in pg_stat_activity
+ * (the service sets none).
+ */
+export const DRILL_APPLICATION_NAME = "keytrack-drill";
+
+/** A pool on the cluster (url: cluster.ownerUrl or cluster.rootUrl); survives the cluster going away and coming back. */
+export function clusterPool(drill: Drill, url: string, what: string, max = 4): pg.Pool {
+  const pool = new pg.Pool({ connectionString: url, max, connectionTimeoutMillis: 5000, application_name: DRILL_APPLICATION_NAME });
+  pool.on("error", () => {}); // an idle connection lost while the cluster is stopped: the next query reconnects
+  drill.defer(`close the ${what} pool`, () => pool.end());
+  return pool;
+}
+
 /** A pool on the drill's database as its owner; survives the cluster going away and coming back. */
 export function ownerPool(drill: Drill, cluster: Cluster): pg.Pool {
-  const pool = new pg.Pool({ connectionString: cluster.ownerUrl, max: 4, connectionTimeoutMillis: 5000 });
-  pool.on("error", () => {}); // an idle connection lost while the cluster is stopped: the next query reconnects
-  drill.defer("close the owner pool", () => pool.end());
-  return pool;
+  return clusterPool(drill, cluster.ownerUrl, "owner");
 }
 
 // ---------------------------------------------------------------------------
@@ -474,6 +486,141 @@ export class Metrics {
 }
 
 // ---------------------------------------------------------------------------
+// Chat traffic at a fixed rate (POST /v1/chat/completions, model echo)
+
+export interface Target {
+  /** What kind of request this is, for the drill's own accounting (e.g. "key", "anonymous"). */
+  kind: string;
+  /** The key's name (DrillKey.name), null when anonymous. */
+  keyName: string | null;
+  secret: string | null;
+}
+
+export interface Answer {
+  seq: number;
+  kind: string;
+  keyName: string | null;
+  sentAt: number;
+  doneAt: number;
+  /** HTTP status, or "error" (no answer: socket error or timeout). */
+  status: number | "error";
+  requestId: string | null;
+  error?: string;
+}
+
+/** Longest wait for one chat request's answer. */
+export const REQUEST_TIMEOUT_MS = 15_000;
+
+const chatBody = (seq: number) => JSON.stringify({ model: "echo", messages: [{ role: "user", content: `drill request ${seq}` }] });
+
+/** One chat request; a 200 must carry a chat completion. Never throws. */
+export async function send(url: string, seq: number, target: Target): Promise<Answer> {
+  const sentAt = Date.now();
+  const headers: Record<string, string> = { "content-type": "application/json" };
+  if (target.secret) headers.authorization = `Bearer ${target.secret}`;
+  try {
+    const res = await fetch(`${url}/v1/chat/completions`, {
+      method: "POST", headers, body: chatBody(seq), signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
+    });
+    const text = await res.text();
+    let status: number | "error" = res.status;
+    let error: string | undefined;
+    if (res.status === 200) {
+      try {
+        if (!Array.isArray((JSON.parse(text) as { choices?: unknown }).choices)) throw new Error("no choices");
+      } catch {
+        status = "error";
+        error = `200 without a chat completion: ${text.slice(0, 120)}`;
+      }
+    }
+    return { seq, kind: target.kind, keyName: target.keyName, sentAt, doneAt: Date.now(), status, requestId: res.headers.get("x-request-id"), error };
+  } catch (err) {
+    return { seq, kind: target.kind, keyName: target.keyName, sentAt, doneAt: Date.now(), status: "error", requestId: null, error: (err as Error).message };
+  }
+}
+
+/**
+ * A fixed rate of requests (rate per second), at most maxInFlight at once:
+ * what cannot be sent then is counted, not queued. pause() and resume() (e.g.
+ * around a restart of the service, on another URL) leave the paused time out:
+ * nothing is sent for it afterwards.
+ */
+export class Traffic {
+  readonly answers: Answer[] = [];
+  /** When each request that could not be sent (maxInFlight reached) was due. */
+  readonly shedAt: number[] = [];
+  private readonly inFlight = new Set<Promise<void>>();
+  private timer: NodeJS.Timeout | null = null;
+  private scheduled = 0;
+  private scheduledAtStart = 0;
+  private startedAt = 0;
+
+  constructor(
+    /** The service's base URL; resume() may change it. */
+    public url: string,
+    private readonly rate: number,
+    private readonly maxInFlight: number,
+    private readonly pick: (seq: number) => Target,
+  ) {}
+
+  get shed(): number {
+    return this.shedAt.length;
+  }
+
+  get sent(): number {
+    return this.scheduled - this.shed;
+  }
+
+  start(): void {
+    if (this.timer) return;
+    this.startedAt = Date.now();
+    this.scheduledAtStart = this.scheduled;
+    this.timer = setInterval(() => this.tick(), 5);
+  }
+
+  private tick(): void {
+    const due = this.scheduledAtStart + Math.floor(((Date.now() - this.startedAt) * this.rate) / 1000);
+    while (this.scheduled < due) {
+      const seq = this.scheduled++;
+      if (this.inFlight.size >= this.maxInFlight) {
+        this.shedAt.push(Date.now());
+        continue;
+      }
+      const p = send(this.url, seq, this.pick(seq)).then((a) => {
+        this.answers.push(a);
+      });
+      this.inFlight.add(p);
+      void p.finally(() => this.inFlight.delete(p));
+    }
+  }
+
+  /** Stops sending; resolves once every request in flight has its answer (each is bounded by its timeout). */
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    await Promise.allSettled([...this.inFlight]);
+  }
+
+  /** Like stop(); resume() carries on. */
+  pause(): Promise<void> {
+    return this.stop();
+  }
+
+  /** Sends again at the same rate (to url, when given) from now on. */
+  resume(url?: string): void {
+    if (url) this.url = url;
+    this.start();
+  }
+}
+
+/** Answers counted by HTTP status ("error": no answer). */
+export function statusCounts(answers: Answer[]): Record<string, number> {
+  const counts: Record<string, number> = {};
+  for (const a of answers) counts[String(a.status)] = (counts[String(a.status)] ?? 0) + 1;
+  return counts;
+}
+
+// ---------------------------------------------------------------------------
 // Users and keys, in SQL as the owner
 
 export interface DrillKey {
@@ -566,25 +713,62 @@ export async function drain(service: Service, pool: pg.Pool, requestIds: string[
   }
 }
 
+/**
+ * Waits (at most timeoutMs) until the service's spool holds at least atLeast
+ * rows, it holds none in memory (keytrack_record_buffered 0) and the depth has
+ * not changed for settleMs: every row it was still writing has reached the
+ * spool, so a SIGKILL now loses nothing. Returns the last depth seen (null:
+ * /metrics never answered).
+ */
+export async function waitForSpool(service: Service, atLeast: number, timeoutMs: number, settleMs = 1000): Promise<number | null> {
+  const deadline = Date.now() + timeoutMs;
+  let depth: number | null = null;
+  let changedAt = Date.now();
+  for (;;) {
+    const m = await service.metrics().catch(() => null);
+    const now = Date.now();
+    const next = m?.value("keytrack_spool_depth") ?? null;
+    if (next !== depth) changedAt = now;
+    depth = next;
+    if (depth !== null && depth >= atLeast && m?.value("keytrack_record_buffered") === 0 && now - changedAt >= settleMs) return depth;
+    if (now > deadline) return depth;
+    await sleep(200);
+  }
+}
+
 export interface LedgerRow {
   count: number;
   apiKeyId: string | null;
   attributionStatus: string;
+  attributionReason: string | null;
   spooled: boolean;
 }
 
 /** Every request id in the ledger, with how many rows it has. */
 export async function readLedger(pool: pg.Pool): Promise<Map<string, LedgerRow>> {
-  const { rows } = await pool.query<{ request_id: string; n: number; api_key_id: string | null; attribution_status: string; spooled: boolean }>(
+  const { rows } = await pool.query<{ request_id: string; n: number; api_key_id: string | null; attribution_status: string; attribution_reason: string | null; spooled: boolean }>(
     `select request_id, count(*)::int as n, min(api_key_id::text) as api_key_id,
-            min(attribution_status) as attribution_status, bool_or(spooled_at is not null) as spooled
+            min(attribution_status) as attribution_status, min(attribution_reason) as attribution_reason,
+            bool_or(spooled_at is not null) as spooled
        from app_public.chat_completion_requests group by request_id`,
   );
-  return new Map(rows.map((r) => [r.request_id, { count: r.n, apiKeyId: r.api_key_id, attributionStatus: r.attribution_status, spooled: r.spooled }]));
+  return new Map(rows.map((r) => [r.request_id, { count: r.n, apiKeyId: r.api_key_id, attributionStatus: r.attribution_status, attributionReason: r.attribution_reason, spooled: r.spooled }]));
 }
 
-/** What a served request's row must say: its key's id, or anonymous. */
-export type Expected = { apiKeyId: string } | { anonymous: true };
+/**
+ * What a request's row must say: its key's id, anonymous, or (a key that was
+ * never registered) pending or failed, with reason not_found.
+ */
+export type Expected = { apiKeyId: string } | { anonymous: true } | { notFound: true };
+
+const describeExpected = (e: Expected) => ("apiKeyId" in e ? `key ${e.apiKeyId}` : "anonymous" in e ? "anonymous" : "pending or failed, not_found");
+
+/** Whether a row says what was expected. */
+export function rowMatches(row: LedgerRow, expected: Expected): boolean {
+  if ("anonymous" in expected) return row.attributionStatus === "anonymous";
+  if ("notFound" in expected) return (row.attributionStatus === "pending" || row.attributionStatus === "failed") && row.attributionReason === "not_found";
+  return row.attributionStatus === "resolved" && row.apiKeyId === expected.apiKeyId;
+}
 
 export interface LedgerCheck {
   /** Rows in the whole ledger. */
@@ -596,7 +780,7 @@ export interface LedgerCheck {
   duplicates: number;
   /** Rows whose request id is not among the served ones (e.g. a request whose answer the drill never saw). */
   unknownRows: number;
-  /** Rows of served requests attributed to something else than the key sent (or not anonymous when no key was sent). */
+  /** Rows of served requests that do not say what was expected (another key, not anonymous when no key was sent, ...). */
   misattributed: number;
   misattributedExamples: string[];
   /** Rows of served requests by attribution_status. */
@@ -627,13 +811,10 @@ export function checkLedger(ledger: Map<string, LedgerRow>, served: Map<string, 
     }
     attribution[row.attributionStatus] = (attribution[row.attributionStatus] ?? 0) + 1;
     if (row.spooled) spooled++;
-    const ok = "anonymous" in expected
-      ? row.attributionStatus === "anonymous"
-      : row.attributionStatus === "resolved" && row.apiKeyId === expected.apiKeyId;
-    if (!ok) {
+    if (!rowMatches(row, expected)) {
       misattributed++;
       if (misattributedExamples.length < 5) {
-        misattributedExamples.push(`${id}: expected ${"anonymous" in expected ? "anonymous" : `key ${expected.apiKeyId}`}, row says ${row.attributionStatus} key ${row.apiKeyId}`);
+        misattributedExamples.push(`${id}: expected ${describeExpected(expected)}, row says ${row.attributionStatus}${row.attributionReason ? ` (${row.attributionReason})` : ""} key ${row.apiKeyId}`);
       }
     }
   }

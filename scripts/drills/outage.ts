@@ -25,8 +25,8 @@ import path from "node:path";
 
 import {
   AUTH_CACHE_TTL_MS, checkLedger, Cluster, completenessGaps, conclude, createKeys, createUsers, drain, formatCounts, importKey, newKeySecret,
-  ownerPool, parseDrillArgs, printSection, readLedger, runDrill, say, secondsSince, Service, sleep, Verdict,
-  type DrillKey, type Expected,
+  ownerPool, parseDrillArgs, printSection, readLedger, runDrill, say, secondsSince, send, Service, sleep, statusCounts, Traffic, Verdict, waitForSpool,
+  type Answer, type DrillKey, type Expected, type Target,
 } from "./harness.js";
 
 const opts = parseDrillArgs("outage", {
@@ -41,120 +41,12 @@ const opts = parseDrillArgs("outage", {
 const o = opts.values;
 const SECONDS = o.seconds, OUTAGE = o["outage-seconds"], AFTER = o["after-seconds"], RATE = o.rate;
 const DRAIN_MS = o["drain-seconds"] * 1000;
-const REQUEST_TIMEOUT_MS = 15_000;
 /** A verified key must be served for the whole outage: the stale window is far above it. */
 const AUTH_STALE_MAX_MS = Math.max(900_000, (OUTAGE + 60) * 1000);
 
 // ---------------------------------------------------------------------------
-// Requests
+// Requests (kinds: "key", "anonymous", "late")
 
-type Kind = "key" | "anonymous" | "late";
-
-interface Target {
-  kind: Kind;
-  /** The key's name (DrillKey.name), null when anonymous. */
-  keyName: string | null;
-  secret: string | null;
-}
-
-interface Answer {
-  seq: number;
-  kind: Kind;
-  keyName: string | null;
-  sentAt: number;
-  doneAt: number;
-  /** HTTP status, or "error" (no answer: socket error or timeout). */
-  status: number | "error";
-  requestId: string | null;
-  error?: string;
-}
-
-const BODY = (seq: number) => JSON.stringify({ model: "echo", messages: [{ role: "user", content: `drill request ${seq}` }] });
-
-async function send(url: string, seq: number, target: Target): Promise<Answer> {
-  const sentAt = Date.now();
-  const headers: Record<string, string> = { "content-type": "application/json" };
-  if (target.secret) headers.authorization = `Bearer ${target.secret}`;
-  try {
-    const res = await fetch(`${url}/v1/chat/completions`, {
-      method: "POST", headers, body: BODY(seq), signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
-    });
-    const text = await res.text();
-    let status: number | "error" = res.status;
-    let error: string | undefined;
-    if (res.status === 200) {
-      try {
-        if (!Array.isArray((JSON.parse(text) as { choices?: unknown }).choices)) throw new Error("no choices");
-      } catch {
-        status = "error";
-        error = `200 without a chat completion: ${text.slice(0, 120)}`;
-      }
-    }
-    return { seq, kind: target.kind, keyName: target.keyName, sentAt, doneAt: Date.now(), status, requestId: res.headers.get("x-request-id"), error };
-  } catch (err) {
-    return { seq, kind: target.kind, keyName: target.keyName, sentAt, doneAt: Date.now(), status: "error", requestId: null, error: (err as Error).message };
-  }
-}
-
-/** A fixed rate of requests (rate per second), at most maxInFlight at once: what cannot be sent then is counted, not queued. */
-class Traffic {
-  readonly answers: Answer[] = [];
-  /** When each request that could not be sent (maxInFlight reached) was due. */
-  readonly shedAt: number[] = [];
-  private readonly inFlight = new Set<Promise<void>>();
-  private timer: NodeJS.Timeout | null = null;
-  private scheduled = 0;
-  private startedAt = 0;
-
-  constructor(
-    private readonly url: string,
-    private readonly rate: number,
-    private readonly maxInFlight: number,
-    private readonly pick: (seq: number) => Target,
-  ) {}
-
-  get shed(): number {
-    return this.shedAt.length;
-  }
-
-  get sent(): number {
-    return this.scheduled - this.shed;
-  }
-
-  start(): void {
-    this.startedAt = Date.now();
-    this.timer = setInterval(() => this.tick(), 5);
-  }
-
-  private tick(): void {
-    const due = Math.floor(((Date.now() - this.startedAt) * this.rate) / 1000);
-    while (this.scheduled < due) {
-      const seq = this.scheduled++;
-      if (this.inFlight.size >= this.maxInFlight) {
-        this.shedAt.push(Date.now());
-        continue;
-      }
-      const p = send(this.url, seq, this.pick(seq)).then((a) => {
-        this.answers.push(a);
-      });
-      this.inFlight.add(p);
-      void p.finally(() => this.inFlight.delete(p));
-    }
-  }
-
-  /** Stops sending; resolves once every request in flight has its answer (each is bounded by its timeout). */
-  async stop(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    await Promise.allSettled([...this.inFlight]);
-  }
-}
-
-const statusCounts = (answers: Answer[]) => {
-  const counts: Record<string, number> = {};
-  for (const a of answers) counts[String(a.status)] = (counts[String(a.status)] ?? 0) + 1;
-  return counts;
-};
 const isRefusal = (a: Answer) => a.status === 401 || a.status === 503;
 const examples = (answers: Answer[], n = 5) =>
   answers.slice(0, n).map((a) => `#${a.seq} ${a.kind}${a.keyName ? ` ${a.keyName}` : ""} -> ${a.status}${a.error ? ` (${a.error})` : ""}`).join("; ");
@@ -364,14 +256,7 @@ runDrill("outage", (SECONDS + OUTAGE + AFTER) * 1000 + 2 * DRAIN_MS + 8 * 60_000
   }
   const served2 = crashAnswers.filter((a) => a.status === 200 && a.requestId);
   // record() resolves once a row is fsynced in the spool: wait until every served row is counted there.
-  let depthBeforeKill: number | null = null;
-  const spoolDeadline = Date.now() + 30_000;
-  while (Date.now() < spoolDeadline) {
-    depthBeforeKill = (await service.metrics().catch(() => null))?.value("keytrack_spool_depth") ?? null;
-    if (depthBeforeKill !== null && depthBeforeKill >= served2.length) break;
-    await sleep(200);
-  }
-  await sleep(500);
+  const depthBeforeKill = await waitForSpool(service, served2.length, 30_000, 500);
   const killed = await service.kill();
   say(`service SIGKILLed (spool depth ${depthBeforeKill}, exit signal ${killed.signal})`);
   await cluster.restart();

@@ -20,7 +20,7 @@ interface DrillRun {
   summary: { passed?: boolean } | null;
 }
 
-async function runQuickDrill(t: ExecutionContext, name: "outage" | "load"): Promise<DrillRun> {
+async function runQuickDrill(t: ExecutionContext, name: "outage" | "load" | "attribution"): Promise<DrillRun> {
   const dir = await mkdtemp(path.join(os.tmpdir(), `keytrack-drill-test-${name}-`));
   t.teardown(() => rm(dir, { recursive: true, force: true }));
   const json = path.join(dir, "summary.json");
@@ -74,4 +74,13 @@ test.serial("drill:outage --quick: a database outage and a crash lose no served 
 test.serial("drill:load --quick: steady load is answered without errors and every answer is recorded once", async (t) => {
   t.timeout(5 * 60_000);
   assertPassed(t, await runQuickDrill(t, "load"));
+});
+
+test.serial("drill:attribution --quick: every fault at once loses no row and attributes every row of an existing key to it", async (t) => {
+  t.timeout(5 * 60_000);
+  const run = await runQuickDrill(t, "attribution");
+  assertPassed(t, run);
+  // Of the rows presenting a key that exists (HTTP known keys, late keys imported in bulk): all attributed to that key.
+  const right = [...run.stdout.matchAll(/^\s+attributed to the right key\s+(\d+\.\d+)%/gm)].map((m) => m[1]);
+  t.deepEqual(right, ["100.00"], `"attributed to the right key" must say 100.00%\nstdout:\n${run.stdout}\nstderr:\n${run.stderr}`);
 });
