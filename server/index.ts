@@ -4,6 +4,7 @@ import "./preamble.js";
 import { ConfigError, loadConfig, unknownSettingWarnings, type Config } from "./config.js";
 import { createLogger } from "./log.js";
 import { startServer, StartupError } from "./main.js";
+import { keepRunningOnUnhandledRejections } from "./unhandled.js";
 
 let config: Config;
 try {
@@ -50,5 +51,6 @@ const onSignal = (signal: NodeJS.Signals) => {
     },
   );
 };
+keepRunningOnUnhandledRejections(log);
 process.on("SIGINT", onSignal);
 process.on("SIGTERM", onSignal);

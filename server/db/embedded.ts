@@ -58,6 +58,9 @@ local   all   all   trust
 host    all   all   all   reject
 `;
 
+/** How long a stop waits for the last clients to disconnect before it terminates them. */
+const SMART_SHUTDOWN_MS = 5_000;
+
 export function socketDirFor(dataDir: string): string {
   const hash = createHash("sha256").update(path.resolve(dataDir)).digest("hex").slice(0, 8);
   return path.join("/tmp", `keytrack-pg-${hash}`);
@@ -390,7 +393,14 @@ export async function startEmbeddedPostgres(opts: EmbeddedPostgresOptions): Prom
     process.removeListener("exit", onExit);
     if (child.exitCode !== null || child.signalCode !== null) return;
     const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-    child.kill("SIGINT"); // fast shutdown: roll back open transactions, checkpoint, exit
+    // Smart shutdown first: keytrack has closed its pools, but a client of another component
+    // (graphile-worker's listener, a request finishing) may still be disconnecting; the server
+    // waits for it rather than killing it mid-way ("terminating connection ..."). Then, if a
+    // client lingers, fast shutdown: roll back open transactions, checkpoint, exit.
+    child.kill("SIGTERM");
+    const grace = new Promise<void>((resolve) => setTimeout(resolve, SMART_SHUTDOWN_MS).unref());
+    await Promise.race([exited, grace]);
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGINT");
     const timeout = new Promise<void>((resolve) => setTimeout(resolve, 60_000).unref());
     await Promise.race([exited, timeout]);
     if (child.exitCode === null && child.signalCode === null) {

@@ -6,6 +6,7 @@ import pg from "pg";
 import { ConfigError, isConnected, loadConfig } from "../config.js";
 import { prepareDatabase } from "../db/prepare.js";
 import { createLogger } from "../log.js";
+import { keepRunningOnUnhandledRejections } from "../unhandled.js";
 import { startWorker } from "./runner.js";
 
 async function main(): Promise<void> {
@@ -15,6 +16,7 @@ async function main(): Promise<void> {
   await prepareDatabase({ rootUrl: config.db.rootDatabaseUrl, databaseUrl: config.db.databaseUrl, log: (m) => log.info(m) });
   const pool = new pg.Pool({ connectionString: config.db.databaseUrl, max: config.workerConcurrency + 2 });
   pool.on("error", (err) => log.warn("idle database connection failed", { error: err }));
+  keepRunningOnUnhandledRejections(log);
   const worker = await startWorker({ config, pool, log });
   log.info("keytrack worker running");
   const shutdown = async () => {
