@@ -877,19 +877,22 @@ CREATE OR REPLACE FUNCTION app_private.observe_attribution_latency(seconds doubl
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
-  with bounds as (
-    select b.le, lag(b.le) over (order by b.le) as above from app_private.attribution_latency b
-  ), counted as (
-    select b.le, count(s) as n, coalesce(sum(s), 0) as total
-      from bounds b join unnest(seconds) s on s <= b.le and (b.above is null or s > b.above)
-     group by b.le
-  )
-  update app_private.attribution_latency l
-     set observations = l.observations + c.n, sum_seconds = l.sum_seconds + c.total, updated_at = now()
-    from counted c where l.le = c.le
+  insert into app_private.attribution_latency as l (le, observations, sum_seconds, updated_at)
+  select c.le, c.n, c.total, now()
+    from (
+      select b.le, count(s) as n, coalesce(sum(s), 0) as total
+        from (select h.le, lag(h.le) over (order by h.le) as above from app_private.attribution_latency h) b
+        join unnest(seconds) s on s <= b.le and (b.above is null or s > b.above)
+       group by b.le
+    ) c
+   order by c.le
+  on conflict (le) do update
+    set observations = l.observations + excluded.observations,
+        sum_seconds = l.sum_seconds + excluded.sum_seconds,
+        updated_at = excluded.updated_at
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: Adds latencies (seconds) to the attribution latency histogram; one call per retry batch.
+-- comment: Adds latencies (seconds) to the attribution latency histogram; one call per retry batch. Locks the buckets in ascending le (an ordered upsert), so concurrent batches never deadlock.
 
 CREATE OR REPLACE FUNCTION app_private.refresh_attribution_rollups()
  RETURNS app_private.attribution_rollup_refresh_result
@@ -1000,7 +1003,7 @@ $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: Called by a keytrack process at start-up: registers it and returns its identity.
 
-CREATE OR REPLACE FUNCTION app_private.resolve_pending_attributions(batch_size integer DEFAULT 500, max_attempts integer DEFAULT 10, base_delay interval DEFAULT '00:00:01'::interval, max_delay interval DEFAULT '00:10:00'::interval, as_of timestamp with time zone DEFAULT now())
+CREATE OR REPLACE FUNCTION app_private.resolve_pending_attributions(batch_size integer DEFAULT 500, max_attempts integer DEFAULT 10, base_delay interval DEFAULT '00:00:01'::interval, max_delay interval DEFAULT '00:10:00'::interval, as_of timestamp with time zone DEFAULT now(), woken_batch_size integer DEFAULT 5000)
  RETURNS app_private.attribution_retry_result
  LANGUAGE plpgsql
  SECURITY DEFINER
@@ -1009,9 +1012,19 @@ AS $function$
 declare
   v_result app_private.attribution_retry_result;
   v_latencies double precision[];
+  v_ids bigint[];
+  v_created timestamptz[];
+  v_more_ids bigint[];
+  v_more_created timestamptz[];
+  v_wakes bytea[];
+  v_hash bytea;
+  v_room integer;
 begin
   if batch_size is null or batch_size < 1 or batch_size > 100000 then
     raise exception 'batch_size must be between 1 and 100000, got %', batch_size using errcode = '22023';
+  end if;
+  if woken_batch_size is null or woken_batch_size < 1 or woken_batch_size > 100000 then
+    raise exception 'woken_batch_size must be between 1 and 100000, got %', woken_batch_size using errcode = '22023';
   end if;
   if max_attempts is null or max_attempts < 1 or max_attempts > 1000 then
     raise exception 'max_attempts must be between 1 and 1000, got %', max_attempts using errcode = '22023';
@@ -1019,28 +1032,48 @@ begin
   if base_delay is null or base_delay <= interval '0' or max_delay is null or max_delay < base_delay then
     raise exception 'base_delay must be positive and max_delay at least base_delay' using errcode = '22023';
   end if;
-  with woken as (
-    -- Rows whose key was imported since they became pending, due now whatever their next attempt time.
-    select r.id, r.created_at
-      from app_private.attribution_wakes w
-      join app_public.chat_completion_requests r
-        on r.api_key_hash = w.key_hash and r.attribution_status = 'pending'
-     limit batch_size
-     for update of r skip locked
-  ), scheduled as (
-    select r.id, r.created_at
-      from app_public.chat_completion_requests r
-     where r.attribution_status = 'pending' and r.attribution_next_attempt_at <= as_of
-     order by r.attribution_next_attempt_at
-     limit batch_size
-     for update skip locked
-  ), due as (
-    select distinct d.id, d.created_at
-      from (select * from woken union all select * from scheduled) d
-     limit batch_size
-  ), looked_up as (
+  -- 1. Rows whose key was imported since they became pending, oldest wake
+  -- first, found per hash through chat_completion_requests_pending_hash_idx.
+  -- A wake whose rows are all taken (or gone) still comes out, with no row:
+  -- step 4 checks it.
+  select coalesce(array_agg(x.id) filter (where x.id is not null), '{}'),
+         coalesce(array_agg(x.created_at) filter (where x.id is not null), '{}'),
+         coalesce(array_agg(distinct x.key_hash), '{}')
+    into v_ids, v_created, v_wakes
+    from (
+      select w.key_hash, p.id, p.created_at
+        from (select aw.key_hash from app_private.attribution_wakes aw
+               order by aw.woken_at, aw.key_hash limit 1000) w
+        left join lateral (
+          select r.id, r.created_at
+            from app_public.chat_completion_requests r
+           where r.api_key_hash = w.key_hash and r.attribution_status = 'pending'
+           limit woken_batch_size
+           for update of r skip locked
+        ) p on true
+       limit woken_batch_size
+    ) x;
+  -- 2. Rows due by their own schedule, in what is left of batch_size.
+  v_room := batch_size - cardinality(v_ids);
+  if v_room > 0 then
+    select coalesce(array_agg(d.id), '{}'), coalesce(array_agg(d.created_at), '{}')
+      into v_more_ids, v_more_created
+      from (
+        select r.id, r.created_at
+          from app_public.chat_completion_requests r
+         where r.attribution_status = 'pending' and r.attribution_next_attempt_at <= as_of
+           and r.id <> all (v_ids)
+         order by r.attribution_next_attempt_at
+         limit v_room
+         for update skip locked
+      ) d;
+    v_ids := v_ids || v_more_ids;
+    v_created := v_created || v_more_created;
+  end if;
+  -- 3. Look every taken row's key up again.
+  with looked_up as (
     select r.id, r.created_at, r.attribution_attempts + 1 as attempts, k.id as key_id, k.user_id as key_user_id
-      from due d
+      from unnest(v_ids, v_created) as d(id, created_at)
       join app_public.chat_completion_requests r on r.id = d.id and r.created_at = d.created_at
       left join app_private.api_key_secrets s on s.key_hash = r.api_key_hash
       left join app_public.api_keys k on k.id = s.api_key_id
@@ -1078,10 +1111,18 @@ begin
   if v_latencies is not null then
     perform app_private.observe_attribution_latency(v_latencies);
   end if;
-  -- A woken hash is done once no pending row presents it (rows another worker holds keep it).
-  delete from app_private.attribution_wakes w
-   where not exists (select 1 from app_public.chat_completion_requests r
-                      where r.api_key_hash = w.key_hash and r.attribution_status = 'pending');
+  -- 4. A wake this batch looked at is done once no pending row presents it
+  -- (rows another worker holds still count as pending here, so their wake
+  -- stays until that worker's own check). In key_hash order, skipping a wake
+  -- another worker is removing.
+  foreach v_hash in array (select coalesce(array_agg(h order by h), '{}') from unnest(v_wakes) h) loop
+    if not exists (select 1 from app_public.chat_completion_requests r
+                    where r.api_key_hash = v_hash and r.attribution_status = 'pending') then
+      delete from app_private.attribution_wakes w
+       where w.key_hash = (select aw.key_hash from app_private.attribution_wakes aw
+                            where aw.key_hash = v_hash for update skip locked);
+    end if;
+  end loop;
   if exists (select 1 from app_private.attribution_wakes) then
     v_result.next_attempt_at := now();
   else
@@ -1096,7 +1137,7 @@ begin
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: The retry worker's body: takes up to batch_size pending rows, first those whose key was imported since (app_private.attribution_wakes), then those due by as_of (FOR UPDATE SKIP LOCKED: workers run in parallel and never wait on a row), and looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Counts the outcomes in app_private.attribution_events and the latency of every row it resolves or fails in app_private.attribution_latency (one upsert each per batch), removes the woken hashes that no pending row presents any more, and reschedules the worker (at once while woken rows remain). Idempotent.
+-- comment: The retry worker's body. Takes first the pending rows whose key was imported since (app_private.attribution_wakes, oldest wake first, per hash through the pending-hash index), up to woken_batch_size; then rows due by as_of, up to what is left of batch_size; all with FOR UPDATE SKIP LOCKED (workers run in parallel and never wait on a row). Looks their key hash up again: found -> resolved (method retry); not found -> pending again after base_delay * 2^(attempts-1) (capped at max_delay), or failed (reason not_found) at max_attempts. Counts the outcomes in app_private.attribution_events and the latency of every row it resolves or fails in app_private.attribution_latency (one ordered upsert each per batch), removes the wakes it looked at that no pending row presents any more, and reschedules the worker (at once while wakes remain). Idempotent; never deadlocks with another worker, an import or a backfill.
 
 CREATE OR REPLACE FUNCTION app_private.run_attribution_backfill_batch(backfill_id bigint)
  RETURNS app_public.attribution_backfills

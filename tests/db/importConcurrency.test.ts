@@ -5,7 +5,7 @@
 // a backfill batch ("deadlock detected" in the admin's import).
 import test from "ava";
 
-import { createTestDb, createUser, type TestDb } from "../helpers/db.js";
+import { createTestDb, createUser, makePool, type TestDb } from "../helpers/db.js";
 
 let db: TestDb;
 test.before(async () => {
@@ -73,4 +73,27 @@ test("imports, two retry workers and a backfill at once on 100,000 pending rows:
   // run (scheduled at once while wakes remain) drops those wakes.
   await db.owner.query("select * from app_private.resolve_pending_attributions()");
   t.is(Number((await db.owner.query("select count(*) from app_private.attribution_wakes")).rows[0].count), 0, "no wake left behind");
+});
+
+test("retry batches recording their latencies at once never deadlock on the histogram", async (t) => {
+  // Before: UPDATE ... FROM locked the buckets in heap order, which every update changes; 8 callers at
+  // once failed 10-20% of their calls with "deadlock detected". Latencies spread over every bucket.
+  const CALLERS = 8, CALLS = 40, PER_CALL = 6;
+  const before = Number((await db.owner.query("select sum(observations) as n from app_private.attribution_latency")).rows[0].n);
+  const pool = makePool(db.ownerUrl, { max: CALLERS });
+  try {
+    const errors: string[] = [];
+    await Promise.all(Array.from({ length: CALLERS }, async () => {
+      for (let i = 0; i < CALLS; i++) {
+        await pool.query(
+          "select app_private.observe_attribution_latency(array(select (random() * 5000)::double precision from generate_series(1, $1)))",
+          [PER_CALL]).catch((err) => void errors.push((err as Error).message));
+      }
+    }));
+    t.deepEqual(errors, []);
+  } finally {
+    await pool.end();
+  }
+  const after = Number((await db.owner.query("select sum(observations) as n from app_private.attribution_latency")).rows[0].n);
+  t.is(after - before, CALLERS * CALLS * PER_CALL);
 });
