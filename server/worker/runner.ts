@@ -6,6 +6,7 @@ import type pg from "pg";
 import type { Config } from "../config.js";
 import type { LogFields, Logger } from "../log.js";
 import { BACKFILL_BATCH, backfillBatch } from "./tasks/backfillBatch.js";
+import { BACKFILL_SWEEP, backfillSweep } from "./tasks/backfillSweep.js";
 import { CREATE_PARTITIONS, createPartitions } from "./tasks/createPartitions.js";
 import { makeResolvePending, RESOLVE_PENDING } from "./tasks/resolvePending.js";
 import { APPLY_RETENTION, makeApplyRetention } from "./tasks/retention.js";
@@ -20,6 +21,7 @@ export function makeTaskList(config: Config): TaskList {
   return {
     [RESOLVE_PENDING]: makeResolvePending(config),
     [BACKFILL_BATCH]: backfillBatch,
+    [BACKFILL_SWEEP]: backfillSweep,
     [CREATE_PARTITIONS]: createPartitions,
     [REFRESH_ROLLUPS]: refreshRollups,
     [APPLY_RETENTION]: makeApplyRetention(config.retentionDays),
@@ -29,6 +31,8 @@ export function makeTaskList(config: Config): TaskList {
 const cronItems = parseCronItems([
   // A sweep in case a wake-up was missed (e.g. a job lost with a crashed worker).
   { task: RESOLVE_PENDING, match: "* * * * *", identifier: "resolve_pending_sweep", options: { backfillPeriod: 0, jobKey: RESOLVE_PENDING, jobKeyMode: "preserve_run_at" } },
+  // A backfill whose batch job died with its worker goes on (see tasks/backfillSweep.ts).
+  { task: BACKFILL_SWEEP, match: "* * * * *", identifier: "backfill_sweep_every_minute", options: { backfillPeriod: 0, jobKey: BACKFILL_SWEEP, jobKeyMode: "preserve_run_at" } },
   { task: CREATE_PARTITIONS, match: "17 3 * * *", identifier: "create_partitions_daily", options: { backfillPeriod: 0 } },
   // With RETENTION_DAYS set, drops whole expired monthly partitions (their rollups settled and frozen first).
   { task: APPLY_RETENTION, match: "41 3 * * *", identifier: "apply_retention_daily", options: { backfillPeriod: 0 } },

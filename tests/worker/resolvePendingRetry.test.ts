@@ -72,10 +72,12 @@ test("a permanent error is not retried: the job fails at once", async (t) => {
   const warnings: string[] = [];
   let calls = 0;
   const task = makeResolvePending({ ...settings, attributionRetryBatchSize: 0 });
-  const err = await t.throwsAsync(task({}, fakeHelpers(async (text, values) => {
-    calls++;
-    return db.owner.query(text, values);
-  }, warnings)));
+  const err = await t.throwsAsync(async () => {
+    await task({}, fakeHelpers(async (text, values) => {
+      calls++;
+      return db.owner.query(text, values);
+    }, warnings));
+  });
   t.is((err as { code?: string }).code, "22023");
   t.is(calls, 1);
   t.deepEqual(warnings, []);
