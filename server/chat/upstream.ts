@@ -14,6 +14,8 @@
  * - The client going away aborts the upstream call (its connection is closed).
  * - Upstream unreachable or 5xx: 502; upstream 401/403 (the gateway's key): 502;
  *   other 4xx (bad model, rate limit...) pass through with their status.
+ * - The call itself is made by upstreamHttp.ts (node:http with keep-alive,
+ *   far cheaper than fetch); redirects are not followed: a 3xx is a 502.
  * - Only JSON (application/json) and event streams (text/event-stream) are
  *   passed on; any other content type (an HTML error page, a script) is a 502
  *   upstream_bad_content_type, its body never read.
@@ -32,6 +34,7 @@ import { completed, failed, partial, type Outcome } from "./outcome.js";
 import { SSE_HEADERS, SseEventTooLarge, SseParser, sseData, sseEvent } from "./sse.js";
 import { errorMessageOf, StreamWatch, usageOf } from "./usage.js";
 import type { ValidRequest } from "./validate.js";
+import { upstreamCall, type UpstreamAnswer, type UpstreamBody } from "./upstreamHttp.js";
 
 export interface UpstreamTarget {
   /** Without a trailing slash, e.g. https://api.openai.com/v1. */
@@ -92,7 +95,7 @@ export const tooLargeError = (maxBytes: number) =>
  * refused before reading, and reading stops (the body is cancelled) as soon as
  * more arrived. `onRead` is called on every read (the idle timer).
  */
-export async function readBounded(response: Response, maxBytes: number, onRead: () => void = () => {}): Promise<Buffer> {
+export async function readBounded(response: { headers: UpstreamAnswer["headers"]; body: UpstreamBody | ReadableStream<Uint8Array> | null }, maxBytes: number, onRead: () => void = () => {}): Promise<Buffer> {
   const body = response.body;
   if (!body) return Buffer.alloc(0);
   const declared = Number(response.headers.get("content-length"));
@@ -102,10 +105,10 @@ export async function readBounded(response: Response, maxBytes: number, onRead: 
   }
   const parts: Uint8Array[] = [];
   let size = 0;
-  const reader = body.getReader();
+  const reader: ReturnType<UpstreamBody["getReader"]> = body.getReader();
   for (;;) {
     const { done, value } = await reader.read();
-    if (done) break;
+    if (done || !value) break;
     onRead();
     size += value.byteLength;
     if (size > maxBytes) {
@@ -148,8 +151,8 @@ const MAX_ERROR_LENGTH = 1000;
 const clip = (s: string, max = MAX_ERROR_LENGTH) => (s.length > max ? s.slice(0, max) + "…" : s);
 
 function describeFetchError(err: unknown): string {
-  const e = err as { message?: string; cause?: { code?: string; message?: string } };
-  const cause = e?.cause?.code ?? e?.cause?.message;
+  const e = err as { message?: string; code?: string; cause?: { code?: string; message?: string } };
+  const cause = e?.cause?.code ?? e?.cause?.message ?? (e?.code && !e.message?.includes(e.code) ? e.code : undefined);
   return cause ? `${e.message ?? "fetch failed"} (${cause})` : (e?.message ?? String(err));
 }
 
@@ -178,7 +181,7 @@ function parseJson(buf: Buffer): unknown {
 function upstreamFailure(status: number, body: unknown, raw: Buffer): { error: ApiError; passthrough: boolean; message: string } {
   const upstreamMessage = errorMessageOf(body) ?? (clip(raw.toString("utf8").trim()) || `HTTP ${status}`);
   const message = clip(`upstream HTTP ${status}: ${upstreamMessage}`);
-  if (status >= 500) {
+  if (status >= 500 || status < 400) {
     return { error: new ApiError(502, `The upstream failed (HTTP ${status}): ${upstreamMessage}`, "upstream_error", "upstream_error"), passthrough: false, message };
   }
   if (status === 401 || status === 403) {
@@ -204,9 +207,9 @@ export async function forward(
   const timeoutMessage = (when: string) => `upstream timed out ${when} (no data for ${target.timeoutMs} ms)`;
 
   try {
-    let upstream: Response;
+    let upstream: UpstreamAnswer;
     try {
-      upstream = await fetch(target.baseUrl + path, {
+      upstream = await upstreamCall(target.baseUrl + path, {
         method: "POST",
         headers: {
           ...upstreamHeaders(target, requestId, request.stream ? "text/event-stream" : "application/json"),
@@ -287,7 +290,7 @@ export async function forward(
 
 async function passStream(
   request: ValidRequest,
-  upstream: Response,
+  upstream: UpstreamAnswer,
   conn: ClientConnection,
   timer: IdleTimer,
   timeoutMessage: (when: string) => string,
@@ -309,7 +312,7 @@ async function passStream(
   try {
     for (;;) {
       const { done, value } = await reader.read();
-      if (done) break;
+      if (done || !value) break;
       timer.touch();
       await relay(parser.push(value));
     }

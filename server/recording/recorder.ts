@@ -1,4 +1,17 @@
-// The one recording path. record() inserts the row; a transient failure
+// The one recording path. record() queues the row; rows from concurrent
+// requests are written together (group commit): one multi-row INSERT, one
+// transaction, one WAL flush per batch. A batch is flushed as soon as a flush
+// slot is free (at most `concurrency` first tries at once), so under load rows
+// gather while the previous flush commits, and when idle a row is written at
+// once: no timer, no added wait. Every row keeps its own fate: a batch that
+// the database refuses (a permanent error) is split in halves until the bad
+// row stands alone, so one bad row never takes the others down; a batch that
+// fails transiently is retried whole (rows it may have committed come back as
+// already recorded, request_id makes that exact), and when the budget is spent
+// every row of it goes to the spool. A failing batch gives up its slot after
+// its first try, so rows behind it are not held by its retries.
+//
+// Per row, as before: a transient failure
 // (connection lost, timeout, serialization failure, too many connections) is
 // retried with exponential backoff; when the budget is spent the row goes to
 // the durable local spool (server/recording/spool.ts) and record() resolves
@@ -51,6 +64,10 @@ export interface RecorderOptions {
   now?: () => Date;
   /** Tests only: simulated write failures of the spool (e.g. ENOSPC), see SpoolOptions.fault. */
   spoolFault?: SpoolOptions["fault"];
+  /** Rows written at most by one INSERT (RECORD_BATCH_SIZE). Default 500. */
+  batchSize?: number;
+  /** Batches on their first try at once (RECORD_CONCURRENCY); each holds one pooled connection. Default 2. */
+  concurrency?: number;
   /** Tests only: smaller bounds for the in-memory buffer (default MAX_BUFFERED_ROWS, MAX_BUFFERED_BYTES). */
   bufferLimits?: { rows?: number; bytes?: number };
 }
@@ -59,6 +76,10 @@ export const DEFAULT_RECORD_ATTEMPTS = 3;
 export const DEFAULT_RECORD_BASE_DELAY_MS = 100;
 export const DEFAULT_ATTEMPT_TIMEOUT_MS = 5000;
 export const DEFAULT_REPLAY_INTERVAL_MS = 2000;
+export const DEFAULT_RECORD_BATCH_SIZE = 500;
+export const DEFAULT_RECORD_CONCURRENCY = 2;
+/** 16 parameters a row would allow 4095 rows in one statement; arrays have no such bound, this keeps statements short. */
+export const MAX_RECORD_BATCH_SIZE = 5000;
 /** Rows held in memory at most while neither the database nor the spool can take them. */
 export const MAX_BUFFERED_ROWS = 100_000;
 /** ...and bytes at most (an estimate of their size in memory). */
@@ -81,6 +102,46 @@ export function insertValues(row: RequestRecord, spooledAt: Date | null = null):
     r.inputTokens, r.outputTokens, r.processingTimeMs, r.status, r.errorMessage, r.attributionReason ?? null,
     spooledAt, r.processId ?? null, r.processSeq ?? null,
   ];
+}
+
+/**
+ * Many rows in one statement: one array per column, unnested in step (all of
+ * the same length). A constant text, so it is prepared once per connection
+ * (BATCH_STATEMENT_NAME). RETURNING names the rows inserted; a row the
+ * trigger skips (its request_id is already recorded) is not returned.
+ */
+export const INSERT_REQUESTS_BATCH_SQL = `
+  insert into app_public.chat_completion_requests
+    (request_id, created_at, api_key_hash, api_key_id, user_id, model, provider, input_tokens,
+     output_tokens, processing_time_ms, status, error_message, attribution_reason, spooled_at, process_id, process_seq)
+  select * from unnest($1::text[], $2::timestamptz[], $3::bytea[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::int4[],
+                       $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[], $14::timestamptz[], $15::uuid[], $16::int8[])
+  returning request_id`;
+const BATCH_STATEMENT_NAME = "keytrack_record_requests_v1";
+
+/** The 16 column arrays of INSERT_REQUESTS_BATCH_SQL for rows already made storable. */
+export function batchValues(rows: readonly RequestRecord[], spooledAt: Date | null = null): unknown[][] {
+  const columns: unknown[][] = Array.from({ length: 16 }, () => new Array<unknown>(rows.length));
+  for (let i = 0; i < rows.length; i++) {
+    const r = rows[i]!;
+    columns[0]![i] = r.requestId;
+    columns[1]![i] = r.createdAt;
+    columns[2]![i] = r.apiKeyHash;
+    columns[3]![i] = r.apiKeyId ?? null;
+    columns[4]![i] = r.userId ?? null;
+    columns[5]![i] = r.model;
+    columns[6]![i] = r.provider;
+    columns[7]![i] = r.inputTokens;
+    columns[8]![i] = r.outputTokens;
+    columns[9]![i] = r.processingTimeMs;
+    columns[10]![i] = r.status;
+    columns[11]![i] = r.errorMessage;
+    columns[12]![i] = r.attributionReason ?? null;
+    columns[13]![i] = spooledAt;
+    columns[14]![i] = r.processId ?? null;
+    columns[15]![i] = r.processSeq ?? null;
+  }
+  return columns;
 }
 
 function positiveInt(name: string, value: number | undefined, fallback: number): number {
@@ -140,6 +201,9 @@ export function createRecorder(options: RecorderOptions): Recorder {
   };
   const attemptTimeoutMs = positiveInt("attemptTimeoutMs", options.attemptTimeoutMs, DEFAULT_ATTEMPT_TIMEOUT_MS);
   const replayIntervalMs = positiveInt("replayIntervalMs", options.replayIntervalMs, DEFAULT_REPLAY_INTERVAL_MS);
+  const batchSize = positiveInt("batchSize", options.batchSize, DEFAULT_RECORD_BATCH_SIZE);
+  if (batchSize > MAX_RECORD_BATCH_SIZE) throw new TypeError(`createRecorder: batchSize must be at most ${MAX_RECORD_BATCH_SIZE}, got ${batchSize}`);
+  const concurrency = positiveInt("concurrency", options.concurrency, DEFAULT_RECORD_CONCURRENCY);
   const now = options.now ?? (() => new Date());
   const poolOption = options.pool;
   const currentPool = typeof poolOption === "function" ? poolOption : () => poolOption;
@@ -279,51 +343,152 @@ export function createRecorder(options: RecorderOptions): Recorder {
     return (result.rowCount ?? 0) > 0;
   }
 
-  async function recordRow(input: RequestRecord): Promise<RecordOutcome> {
+  /** A row waiting for its batch, and its caller. */
+  interface Queued {
+    row: RequestRecord;
+    resolve: (outcome: RecordOutcome) => void;
+    reject: (err: unknown) => void;
+    /** Set once its outcome is known (inserted, duplicate, refused): later tries of its batch leave it out. */
+    settled: boolean;
+  }
+  /** Rows waiting for a flush slot, in arrival order. */
+  let queue: Queued[] = [];
+  /** Batches on their first try (a batch that failed once gives its slot up while it retries). */
+  let flushing = 0;
+
+  function recordRow(input: RequestRecord): Promise<RecordOutcome> {
     // What the spool, rejected.jsonl and memory keep is the row as it is inserted.
     const row = storableRecord(input);
+    return new Promise<RecordOutcome>((resolve, reject) => {
+      queue.push({ row, resolve, reject, settled: false });
+      pump();
+    });
+  }
+
+  /** Starts a flush of what is queued whenever a slot is free. */
+  function pump(): void {
+    while (flushing < concurrency && queue.length > 0) {
+      const batch = queue.length <= batchSize ? queue : queue.slice(0, batchSize);
+      queue = queue.length <= batchSize ? [] : queue.slice(batchSize);
+      flushing++;
+      let holdsSlot = true;
+      const release = () => {
+        if (!holdsSlot) return;
+        holdsSlot = false;
+        flushing--;
+        pump();
+      };
+      flushBatch(batch, release)
+        .catch((err) => {
+          // Not expected (every row is settled inside); never leave a caller waiting.
+          log.error("recording a batch of request rows failed unexpectedly", { rows: batch.length, error: err });
+          for (const q of batch) if (!q.settled) (q.settled = true), q.reject(err);
+        })
+        .finally(release);
+    }
+  }
+
+  /** One statement for `rows`: the request ids it inserted. */
+  async function insertBatchOnce(rows: readonly RequestRecord[]): Promise<Set<string>> {
+    const pending = Promise.resolve().then(() =>
+      currentPool().query<{ request_id: string }>({ name: BATCH_STATEMENT_NAME, text: INSERT_REQUESTS_BATCH_SQL, values: batchValues(rows) }),
+    );
+    pending.catch(() => {}); // an abandoned (timed out) try must not become an unhandled rejection
+    const result = await withTimeout(pending, attemptTimeoutMs);
+    return new Set(result.rows.map((r) => r.request_id));
+  }
+
+  /**
+   * Writes `group` (unsettled rows of one batch) in one statement and settles
+   * each row; a permanent error splits the group in halves, down to the one
+   * row the database refuses (kept in rejected.jsonl, its caller rejected).
+   * Throws a transient error: the rows not settled yet are to be tried again.
+   */
+  async function writeGroup(group: Queued[], attempt: number, maybeWritten: boolean): Promise<void> {
+    let inserted: Set<string>;
+    try {
+      inserted = await insertBatchOnce(group.map((q) => q.row));
+    } catch (err) {
+      if (isTransientError(err)) throw err;
+      if (group.length > 1) {
+        const half = Math.ceil(group.length / 2);
+        await writeGroup(group.slice(0, half), attempt, maybeWritten);
+        await writeGroup(group.slice(half), attempt, maybeWritten);
+        return;
+      }
+      const q = group[0]!;
+      const permanent = permanentError(q.row, err);
+      await rejectRow({ row: q.row, spooledAt: now() }, permanent);
+      q.settled = true;
+      q.reject(permanent);
+      return;
+    }
+    for (const q of group) {
+      // The first of two rows with one request id in a batch is the one recorded.
+      const mine = inserted.delete(q.row.requestId);
+      q.settled = true;
+      // 0 rows after a try that may have committed: that try wrote it, not someone before us.
+      q.resolve({ outcome: mine || maybeWritten ? "recorded" : "duplicate", attempts: attempt });
+    }
+  }
+
+  async function flushBatch(batch: Queued[], releaseSlot: () => void): Promise<void> {
+    let todo = batch;
     let lastError: unknown;
     let maybeWritten = false;
     for (let attempt = 1; attempt <= policy.attempts; attempt++) {
       try {
-        const inserted = await insertOnce(row, null);
+        await writeGroup(todo, attempt, maybeWritten);
         if (spool.depth > 0 || heldCount() > 0) kickReplay();
-        // 0 rows after a try that may have committed: that try wrote it, not someone before us.
-        return { outcome: inserted || maybeWritten ? "recorded" : "duplicate", attempts: attempt };
+        return;
       } catch (err) {
-        if (!isTransientError(err)) {
-          const permanent = permanentError(row, err);
-          await rejectRow({ row, spooledAt: now() }, permanent);
-          throw permanent;
-        }
         lastError = err;
         maybeWritten ||= mayHaveCommitted(err);
+        todo = todo.filter((q) => !q.settled);
+        // Rows behind this batch are not held by its retries.
+        releaseSlot();
         if (attempt < policy.attempts) {
           const delayMs = backoffDelay(policy, attempt);
-          log.debug("recording a request failed, retrying", { requestId: row.requestId, attempt, delayMs, error: describeError(err) });
+          log.debug("recording a request failed, retrying", {
+            requestId: todo[0]?.row.requestId, rows: todo.length, attempt, delayMs, error: describeError(err),
+          });
           await sleep(delayMs);
         }
       }
     }
-    const error = describeError(lastError);
-    const entry: SpoolEntry = { row, spooledAt: now() };
-    try {
-      await spool.append(entry);
-    } catch (spoolError) {
-      const both = `${error}; spool: ${describeError(spoolError)}`;
-      if (!hold({ entry, bytes: heldSize(row), rejection: null }, both)) {
-        throw new Error(`request ${row.requestId} was not recorded: the database and the spool fail (${both}) and the memory buffer is full`, { cause: spoolError });
+    await spoolRows(todo, describeError(lastError));
+  }
+
+  /** The retry budget is spent: the rows go to the spool (one write, one fsync for them all), else to memory. */
+  async function spoolRows(rows: Queued[], error: string): Promise<void> {
+    const spooledAt = now();
+    const entries = rows.map((q): SpoolEntry => ({ row: q.row, spooledAt }));
+    const results = await Promise.allSettled(entries.map((entry) => spool.append(entry)));
+    let spooled = 0;
+    for (const [i, q] of rows.entries()) {
+      const result = results[i]!;
+      q.settled = true;
+      if (result.status === "fulfilled") {
+        spooled++;
+        log.debug("request row spooled", { requestId: q.row.requestId, attempts: policy.attempts, error, spoolDepth: spool.depth });
+        q.resolve({ outcome: "spooled", attempts: policy.attempts, error });
+        continue;
       }
-      log.debug("request row held in memory", { requestId: row.requestId, error: both, buffered: heldCount() });
-      return { outcome: "buffered", attempts: policy.attempts, error: both };
+      const both = `${error}; spool: ${describeError(result.reason)}`;
+      if (!hold({ entry: entries[i]!, bytes: heldSize(q.row), rejection: null }, both)) {
+        q.reject(new Error(`request ${q.row.requestId} was not recorded: the database and the spool fail (${both}) and the memory buffer is full`, { cause: result.reason }));
+        continue;
+      }
+      log.debug("request row held in memory", { requestId: q.row.requestId, error: both, buffered: heldCount() });
+      q.resolve({ outcome: "buffered", attempts: policy.attempts, error: both });
     }
-    if (!degraded) {
-      degraded = true;
-      log.warn("database unavailable: spooling request rows to disk, they will be replayed", { error, spool: spool.paths.requests });
+    if (spooled > 0) {
+      if (!degraded) {
+        degraded = true;
+        log.warn("database unavailable: spooling request rows to disk, they will be replayed", { error, spool: spool.paths.requests });
+      }
+      scheduleReplay();
     }
-    log.debug("request row spooled", { requestId: row.requestId, attempts: policy.attempts, error, spoolDepth: spool.depth });
-    scheduleReplay();
-    return { outcome: "spooled", attempts: policy.attempts, error };
   }
 
   async function replayEntry(entry: SpoolEntry, counts: { written: number; duplicates: number; stopError: string | null }): Promise<ReplayVerdict> {
