@@ -52,6 +52,12 @@ export interface Config {
   /** While the database cannot be reached, a key verified usable within this long (ms) is still served (0: never). */
   readonly authStaleMaxMs: number;
   readonly metricsToken: string | null;
+  /** With READ_DATABASE_URL: a replica replaying more than this far (ms) behind the primary is not read from. */
+  readonly readMaxLagMs: number;
+  /** With READ_DATABASE_URL: how often the replica's health and lag are checked, in ms. */
+  readonly readCheckMs: number;
+  /** With READ_DATABASE_URL: while the replica is unhealthy, read from the primary (true) or fail those reads with a 503 (false: no read load on the primary, ever). */
+  readonly readFallback: boolean;
   readonly retentionDays: number | null;
   readonly worker: boolean;
   /** Jobs one worker runs at once. */
@@ -70,6 +76,10 @@ export interface Config {
   readonly recordRetryAttempts: number;
   /** Wait after the first failed try to write a request row; doubles after each further one. */
   readonly recordRetryBaseMs: number;
+  /** Request rows written at most by one INSERT (one transaction): rows of concurrent requests share it. */
+  readonly recordBatchSize: number;
+  /** Batches of request rows written at once (each holds a pooled connection while on its first try). */
+  readonly recordConcurrency: number;
   readonly logLevel: LogLevel;
   /** As given (e.g. "1mb"), for body parsers. */
   readonly bodyLimit: string;
@@ -227,9 +237,10 @@ export const SETTING_NAMES: readonly string[] = [
   "AUTH_CACHE_TTL_MS", "AUTH_STALE_MAX_MS", "METRICS_TOKEN", "RETENTION_DAYS", "WORKER", "WORKER_CONCURRENCY",
   "ATTRIBUTION_RETRY_MAX_ATTEMPTS", "ATTRIBUTION_RETRY_BASE_MS", "ATTRIBUTION_RETRY_MAX_MS",
   "ATTRIBUTION_RETRY_BATCH_SIZE", "BACKFILL_BATCH_SIZE", "RECORD_RETRY_ATTEMPTS", "RECORD_RETRY_BASE_MS",
+  "RECORD_BATCH_SIZE", "RECORD_CONCURRENCY",
   "LOG_LEVEL", "BODY_LIMIT", "ECHO_MODEL", "GRAPHIQL", "GRAPHQL_DEFAULT_PAGE_SIZE", "GRAPHQL_MAX_PAGE_SIZE",
   "GRAPHQL_MAX_COST", "GRAPHQL_MAX_DEPTH", "GRAPHQL_STATEMENT_TIMEOUT_MS", "MAX_LIVE_KEYS_PER_USER",
-  "COMPLETENESS_HEARTBEAT_MS",
+  "COMPLETENESS_HEARTBEAT_MS", "READ_MAX_LAG_MS", "READ_CHECK_MS", "READ_FALLBACK",
 ];
 
 /** Variables keytrack's tools read that are not service settings (never reported as look-alikes). */
@@ -337,6 +348,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     authCacheTtlMs: int(env, "AUTH_CACHE_TTL_MS", 0, 600_000, 5000)!,
     authStaleMaxMs: int(env, "AUTH_STALE_MAX_MS", 0, 86_400_000, 900_000)!,
     metricsToken: str(env, "METRICS_TOKEN"),
+    readMaxLagMs: int(env, "READ_MAX_LAG_MS", 0, 86_400_000, 10_000)!,
+    readCheckMs: int(env, "READ_CHECK_MS", 100, 600_000, 2_000)!,
+    readFallback: bool(env, "READ_FALLBACK", true),
     retentionDays: int(env, "RETENTION_DAYS", 1, 1_000_000, null),
     worker: bool(env, "WORKER", true),
     workerConcurrency: int(env, "WORKER_CONCURRENCY", 1, 64, 2)!,
@@ -347,6 +361,9 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     backfillBatchSize: int(env, "BACKFILL_BATCH_SIZE", 1, 100_000, 1000)!,
     recordRetryAttempts: int(env, "RECORD_RETRY_ATTEMPTS", 1, 20, 3)!,
     recordRetryBaseMs: int(env, "RECORD_RETRY_BASE_MS", 1, 60_000, 100)!,
+    // 5000: MAX_RECORD_BATCH_SIZE (server/recording/recorder.ts); 8: the owner pool has 10 connections, shared.
+    recordBatchSize: int(env, "RECORD_BATCH_SIZE", 1, 5000, 500)!,
+    recordConcurrency: int(env, "RECORD_CONCURRENCY", 1, 8, 2)!,
     logLevel: oneOf(env, "LOG_LEVEL", LOG_LEVELS, "info"),
     bodyLimit,
     bodyLimitBytes,

@@ -235,10 +235,11 @@ export async function startServer(config: Config, options: StartServerOptions = 
       throw err;
     }
 
-    const pools = createPools(connected.db, log);
+    const pools = createPools(connected.db, log, config);
     undo.push(() => closePools(pools));
+    await pools.reads.start();
 
-    const recorder = createRecorder({ pool: pools.owner, dataDir: connected.dataDir, log: log.child({ component: "recorder" }), attempts: config.recordRetryAttempts, baseDelayMs: config.recordRetryBaseMs });
+    const recorder = createRecorder({ pool: pools.owner, dataDir: connected.dataDir, log: log.child({ component: "recorder" }), attempts: config.recordRetryAttempts, baseDelayMs: config.recordRetryBaseMs, batchSize: config.recordBatchSize, concurrency: config.recordConcurrency });
     undo.push(() => recorder.close());
 
     // Registered before anything is accepted; its clean stop is recorded after the listener has

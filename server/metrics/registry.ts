@@ -30,6 +30,7 @@ import type { AppContext } from "../context.js";
 import { DROP_REASONS } from "../recording/types.js";
 import { DB_COLUMNS, DB_METRICS, type DbMetricName, mapAttributionMetrics } from "./dbMetrics.js";
 import { DbMetricsSource, type DbSourceOptions, type MetricsPool } from "./dbSource.js";
+import type { ReadRouter } from "../db/readRouter.js";
 import type { WorkerJobCounts } from "./workerJobs.js";
 
 /** A histogram whose cumulative buckets, sum and count are read from SQL at scrape time. */
@@ -238,6 +239,51 @@ export function createMetrics(
       const snapshot = await latency.get();
       if (!snapshot.ok) return this.remove();
       this.set(Number(snapshot.row.oldest_pending_seconds ?? 0));
+    },
+  });
+
+  // The read side (READ_DATABASE_URL): where reads went, why they fell back to the primary, the replica's lag.
+  // (Contexts built by unit tests may have no router: no replica, nothing counted.)
+  const reads = ctx.pools.reads as ReadRouter | undefined;
+  new client.Counter({
+    name: "keytrack_reads_total",
+    help: "Database reads for monitoring, GraphQL queries, the console and /metrics, by the node that served them (primary, replica).",
+    labelNames: ["node"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [node, n] of reads?.servedCounts ?? []) this.inc({ node }, n);
+    },
+  });
+  new client.Counter({
+    name: "keytrack_read_replica_fallbacks_total",
+    help: "Reads that went to the primary although READ_DATABASE_URL names a replica, by reason (unreachable, lagging: more than READ_MAX_LAG_MS behind, not_standby, failed: its connection failed during the read).",
+    labelNames: ["reason"],
+    registers: [registry],
+    collect() {
+      this.reset();
+      for (const [reason, n] of reads?.fallbackCounts ?? []) this.inc({ reason }, n);
+    },
+  });
+  new client.Gauge({
+    name: "keytrack_read_replica_lag_seconds",
+    help: "How far the read replica's replay was behind the primary at its last check (absent without a replica or when it did not answer).",
+    registers: [registry],
+    collect() {
+      this.reset();
+      const lag = reads?.hasReplica ? reads.replicaState.lagSeconds : null;
+      if (lag === null) this.remove();
+      else this.set(lag);
+    },
+  });
+  new client.Gauge({
+    name: "keytrack_read_replica_healthy",
+    help: "1 while reads go to the read replica, 0 while they go to the primary instead (absent without READ_DATABASE_URL).",
+    registers: [registry],
+    collect() {
+      this.reset();
+      if (!reads?.hasReplica) this.remove();
+      else this.set(reads.replicaState.healthy ? 1 : 0);
     },
   });
 

@@ -19,7 +19,11 @@ import { grafserv } from "postgraphile/grafserv/express/v4";
 import { GraphQLError } from "postgraphile/graphql";
 import { PostGraphileAmberPreset } from "postgraphile/presets/amber";
 
+import pg from "pg";
+
 import type { AppContext } from "../context.js";
+import { parsePgUrl, userNameOf, withUser } from "../db/urls.js";
+import { makeReadReplicaPlugin, type ReadReplicaGraphQL } from "../graphql/readReplica.js";
 import { makeLimitsPlugin } from "../graphql/limits.js";
 import { makePageSizePlugin } from "../graphql/pageSize.js";
 
@@ -55,7 +59,16 @@ function maskError(error: GraphQLError) {
   return defaultMaskError(error);
 }
 
-export function makePreset(ctx: AppContext, pgService: PgService): GraphileConfig.Preset {
+/** The replica as the authenticator (READ_DATABASE_URL's server and database, AUTH_DATABASE_URL's login). */
+function replicaAuthUrl(ctx: AppContext): string | null {
+  const read = ctx.config.db.readDatabaseUrl;
+  if (!read) return null;
+  const auth = parsePgUrl(ctx.config.db.authDatabaseUrl);
+  const password = auth.password ? decodeURIComponent(auth.password) : auth.searchParams.get("password");
+  return withUser(read, userNameOf(ctx.config.db.authDatabaseUrl), password);
+}
+
+export function makePreset(ctx: AppContext, pgService: PgService, extraPlugins: GraphileConfig.Plugin[] = []): GraphileConfig.Preset {
   const { config } = ctx;
   const limits = {
     defaultPageSize: config.graphqlDefaultPageSize,
@@ -72,6 +85,7 @@ export function makePreset(ctx: AppContext, pgService: PgService): GraphileConfi
         allowIntrospection: (contextValue) =>
           config.graphiql || (contextValue as { pgSettings?: Record<string, unknown> } | undefined)?.pgSettings?.role === ADMIN_ROLE,
       }),
+      ...extraPlugins,
     ],
     pgServices: [pgService],
     grafserv: {
@@ -114,10 +128,17 @@ export async function installPostGraphile(app: express.Express, ctx: AppContext)
     pgSettingsForIntrospection: { role: ADMIN_ROLE },
   });
   // pgl.release() releases grafserv but not the service's pools: that is ours to do.
+  // With a read replica: query operations run there while it is healthy (graphql/readReplica.ts).
+  const replicaUrl = replicaAuthUrl(ctx);
+  const replicaPool = replicaUrl ? new pg.Pool({ connectionString: replicaUrl, max: 10, connectionTimeoutMillis: 5_000 }) : null;
+  replicaPool?.on("error", (err) => ctx.log.warn("idle database client error", { pool: "graphql-read", error: err }));
+  const replica: ReadReplicaGraphQL | null = replicaPool ? makeReadReplicaPlugin(ctx.pools.reads, replicaPool, pgService.withPgClientKey) : null;
   const releaseService = async () => {
     await pgService.release?.();
+    replica?.release();
+    await replicaPool?.end();
   };
-  const pgl = postgraphile(makePreset(ctx, pgService));
+  const pgl = postgraphile(makePreset(ctx, pgService, replica ? [replica.plugin] : []));
   try {
     // Build the schema now: a database that cannot be introspected fails the start, not the first request.
     await pgl.getSchema();

@@ -4,13 +4,17 @@
  * - GET /admin/monitoring/api-key-tracking-quality?hours=24  (1..168)
  * - GET /admin/monitoring/api-key-tracking-trend?days=7      (1..30)
  *
- * Both read the SQL reports on the read pool (READ_DATABASE_URL when set). A
+ * Both read the SQL reports on the read replica (READ_DATABASE_URL) while it is
+ * healthy, else on the primary, and say which node answered and as of when
+ * (X-Keytrack-Read-Node, X-Keytrack-Read-As-Of; server/db/readRouter.ts). A
  * bad or unknown parameter is a 422 naming it and its bounds (or the known one); a database failure is a
  * 503, never a 200 with zeros (the original's behaviour).
  */
 import type express from "express";
+import type pg from "pg";
 
 import type { AppContext, Installer } from "../context.js";
+import { readInfoHeaders } from "../db/readRouter.js";
 import { ApiError, sendError } from "../http/errors.js";
 import { parseIntParam, type IntParam } from "./params.js";
 import { qualityReport, trendReport } from "./reports.js";
@@ -21,7 +25,7 @@ export const MONITORING_PATH = "/admin/monitoring";
 const HOURS: IntParam = { name: "hours", min: 1, max: 168, default: 24 };
 const DAYS: IntParam = { name: "days", min: 1, max: 30, default: 7 };
 
-function report(ctx: AppContext, param: IntParam, read: (value: number) => Promise<unknown>): express.RequestHandler {
+function report(ctx: AppContext, param: IntParam, read: (db: pg.Pool, value: number) => Promise<unknown>): express.RequestHandler {
   return async (req, res) => {
     res.set("Cache-Control", "no-store");
     const query = req.query as Record<string, unknown>;
@@ -39,7 +43,10 @@ function report(ctx: AppContext, param: IntParam, read: (value: number) => Promi
       }));
     }
     try {
-      res.status(200).json(await read(parsed.value));
+      // One client of the chosen node for the whole report (its queries share that node's view).
+      const { result, ...info } = await ctx.pools.reads.read((client) => read(client as unknown as pg.Pool, parsed.value));
+      res.set(readInfoHeaders(info));
+      res.status(200).json(result);
     } catch (err) {
       ctx.log.error("monitoring report failed", { path: req.path, error: err });
       sendError(res, new ApiError(503, "the monitoring data could not be read from the database, try again", "server_error", "database_unavailable"));
@@ -50,7 +57,7 @@ function report(ctx: AppContext, param: IntParam, read: (value: number) => Promi
 export const installMonitoring: Installer = (app, ctx) => {
   app.use(MONITORING_PATH, requireAdmin(ctx));
   app.get(`${MONITORING_PATH}/api-key-tracking-quality`,
-    report(ctx, HOURS, (hours) => qualityReport(ctx.pools.read, hours)));
+    report(ctx, HOURS, (db, hours) => qualityReport(db, hours)));
   app.get(`${MONITORING_PATH}/api-key-tracking-trend`,
-    report(ctx, DAYS, (days) => trendReport(ctx.pools.read, days)));
+    report(ctx, DAYS, (db, days) => trendReport(db, days)));
 };

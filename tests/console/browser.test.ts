@@ -168,7 +168,7 @@ test("the console in chromium: sign-in errors, REST numbers, charts, offenders, 
     await context.close();
 
     // A database that does not answer.
-    const broken = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere" });
+    const broken = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere", READ_FALLBACK: "false" });
     try {
       const ctx2 = await browser.newContext({ viewport: { width: 1400, height: 900 } });
       const p2 = await ctx2.newPage();

@@ -273,7 +273,7 @@ test.serial("backfill starts a run (or resumes the running one) and the list sho
 });
 
 test("a database that does not answer is a 503 database_unavailable", async (t) => {
-  const broken = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere" });
+  const broken = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere", READ_FALLBACK: "false" });
   try {
     const s = await signIn(ADMIN_TOKEN, broken.url);
     t.is(s.status, 201);

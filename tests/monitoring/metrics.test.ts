@@ -196,7 +196,7 @@ test("without METRICS_TOKEN, /metrics is open", async (t) => {
 
 test("a database that does not answer: /metrics still answers, database_up 0, attribution series absent", async (t) => {
   // The metrics read the read pool: point it at a port where nothing listens.
-  const server = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere" });
+  const server = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere", READ_FALLBACK: "false" });
   try {
     const e = await scrape(server);
     t.is(e.value("keytrack_database_up"), 0);

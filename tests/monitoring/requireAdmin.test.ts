@@ -135,8 +135,8 @@ test("days: 1..30, integers only, 422 naming the parameter and its bounds", asyn
 });
 
 test("a database failure is a 503 with a JSON error, never a 200 with zeros", async (t) => {
-  // The reports read through READ_DATABASE_URL: point it at a port nobody listens on.
-  const broken = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere" });
+  // The reports read through READ_DATABASE_URL: point it at a port nobody listens on, with no fallback to the primary.
+  const broken = await startTestServer(db, { READ_DATABASE_URL: "postgres://keytrack_owner@127.0.0.1:1/nowhere", READ_FALLBACK: "false" });
   try {
     for (const path of [QUALITY, TREND]) {
       const r = await get(path, `Bearer ${ADMIN_TOKEN}`, broken.url);

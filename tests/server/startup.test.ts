@@ -19,7 +19,7 @@ const ENTRY = path.join(projectRoot, "server/index.ts");
 function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   const env: NodeJS.ProcessEnv = { ...process.env };
   for (const name of Object.keys(env)) {
-    if (/^(DATABASE_URL|ROOT_DATABASE_URL|AUTH_DATABASE_URL|SHADOW_DATABASE_URL|READ_DATABASE_URL|ADMIN_API_KEY|APP_ENV|PORT|HOST|KEYTRACK_DATA_DIR|EMBEDDED_PG_PORT|LOG_LEVEL)$/.test(name)) delete env[name];
+    if (/^(DATABASE_URL|ROOT_DATABASE_URL|AUTH_DATABASE_URL|SHADOW_DATABASE_URL|READ_DATABASE_URL|READ_FALLBACK|READ_MAX_LAG_MS|READ_CHECK_MS|ADMIN_API_KEY|APP_ENV|PORT|HOST|KEYTRACK_DATA_DIR|EMBEDDED_PG_PORT|LOG_LEVEL)$/.test(name)) delete env[name];
   }
   return { ...env, ...extra };
 }
