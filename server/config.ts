@@ -58,6 +58,8 @@ export interface Config {
   readonly readCheckMs: number;
   /** With READ_DATABASE_URL: while the replica is unhealthy, read from the primary (true) or fail those reads with a 503 (false: no read load on the primary, ever). */
   readonly readFallback: boolean;
+  /** GET /health answers 503 when the database has not answered within this long, in ms. */
+  readonly healthTimeoutMs: number;
   readonly retentionDays: number | null;
   readonly worker: boolean;
   /** Jobs one worker runs at once. */
@@ -240,7 +242,7 @@ export const SETTING_NAMES: readonly string[] = [
   "RECORD_BATCH_SIZE", "RECORD_CONCURRENCY",
   "LOG_LEVEL", "BODY_LIMIT", "ECHO_MODEL", "GRAPHIQL", "GRAPHQL_DEFAULT_PAGE_SIZE", "GRAPHQL_MAX_PAGE_SIZE",
   "GRAPHQL_MAX_COST", "GRAPHQL_MAX_DEPTH", "GRAPHQL_STATEMENT_TIMEOUT_MS", "MAX_LIVE_KEYS_PER_USER",
-  "COMPLETENESS_HEARTBEAT_MS", "READ_MAX_LAG_MS", "READ_CHECK_MS", "READ_FALLBACK",
+  "COMPLETENESS_HEARTBEAT_MS", "READ_MAX_LAG_MS", "READ_CHECK_MS", "READ_FALLBACK", "HEALTH_TIMEOUT_MS",
 ];
 
 /** Variables keytrack's tools read that are not service settings (never reported as look-alikes). */
@@ -351,6 +353,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     readMaxLagMs: int(env, "READ_MAX_LAG_MS", 0, 86_400_000, 10_000)!,
     readCheckMs: int(env, "READ_CHECK_MS", 100, 600_000, 2_000)!,
     readFallback: bool(env, "READ_FALLBACK", true),
+    healthTimeoutMs: int(env, "HEALTH_TIMEOUT_MS", 100, 600_000, 2_000)!,
     retentionDays: int(env, "RETENTION_DAYS", 1, 1_000_000, null),
     worker: bool(env, "WORKER", true),
     workerConcurrency: int(env, "WORKER_CONCURRENCY", 1, 64, 2)!,

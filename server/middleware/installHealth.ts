@@ -1,9 +1,7 @@
-/** GET /health: is the process up, and does the database answer (owner pool, 2 s budget)? No details: anyone may ask. */
+/** GET /health: is the process up, and does the database answer (owner pool, HEALTH_TIMEOUT_MS budget, 2 s by default)? No details: anyone may ask. */
 import type express from "express";
 
 import type { AppContext } from "../context.js";
-
-const TIMEOUT_MS = 2000;
 
 async function pingWithin(ctx: AppContext, ms: number): Promise<void> {
   let timer: NodeJS.Timeout | undefined;
@@ -21,7 +19,7 @@ export function installHealth(app: express.Express, ctx: AppContext): void {
   app.get("/health", async (_req, res) => {
     res.set("Cache-Control", "no-store");
     try {
-      await pingWithin(ctx, TIMEOUT_MS);
+      await pingWithin(ctx, ctx.config.healthTimeoutMs);
       res.status(200).json({ status: "ok", database: "ok" });
     } catch (err) {
       // Unauthenticated: up or down only. The error (hosts, ports, users) goes to the log.
