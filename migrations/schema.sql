@@ -351,15 +351,50 @@ CREATE UNIQUE INDEX attribution_backfills_one_running_idx ON app_public.attribut
 CREATE UNIQUE INDEX attribution_backfills_pkey ON app_public.attribution_backfills USING btree (id);
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see backfill runs.
 
-create table app_public.attribution_rollup_dirty_hours (
-  id bigint not null generated always as identity,  -- Primary key (several marks for one hour are normal).
-  hour timestamp with time zone not null,  -- The UTC hour whose rollup is stale.
-  marked_at timestamp with time zone not null default now()  -- When the change was made (its transaction's start).
+create table app_public.attribution_retry_latencies (
+  row_id bigint not null,  -- The ledger row's id.
+  created_at timestamp with time zone not null,  -- The ledger row's created_at (when the request arrived).
+  attributed_at timestamp with time zone  -- The ledger row's attributed_at (when the retry worker resolved it).
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner
+-- comment: @behavior -*
+The ledger rows whose attribution_method is `retry` (resolved by the retry worker), with their created_at and attributed_at: exactly those rows, kept by the UPDATE and DELETE triggers of chat_completion_requests (the insert trigger never sets `retry`). Read by app_public.attribution_latency_report().
+constraint attribution_retry_latencies_pkey PRIMARY KEY (row_id, created_at);
+CREATE INDEX attribution_retry_latencies_created_at_idx ON app_public.attribution_retry_latencies USING btree (created_at) INCLUDE (attributed_at);
+CREATE UNIQUE INDEX attribution_retry_latencies_pkey ON app_public.attribution_retry_latencies USING btree (row_id, created_at);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts read the retry latencies (they see every request anyway).
+
+create table app_public.attribution_rollup_changes (
+  id bigint not null generated always as identity,  -- Primary key.
+  row_id bigint not null,  -- The ledger row's id: its change counts only if the row is settled (id <= settled_id); a row not settled yet is read raw as it is.
+  created_at timestamp with time zone not null,  -- The ledger row's created_at (its bucket).
+  attribution_status text not null,  -- The outcome's attribution_status.
+  is_anonymous boolean not null,  -- The outcome's is_anonymous.
+  has_user boolean not null,  -- Whether the outcome's user_id is set.
+  initial_attribution text not null,  -- The outcome's initial_attribution (`unknown` when NULL).
+  requests integer not null  -- -1 (the row left this outcome) or +1 (it entered it).
 );
 -- row level security: enabled
 -- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
 -- comment: @behavior -*
-UTC hours whose rows changed or arrived after the hour ended (late rows, retry, backfill, deletes): reads scan them raw until the next refresh recomputes their rollups and removes the marks. Written by triggers on chat_completion_requests.
+Changes to the rolled-up columns of ledger rows (retry, backfill, deletes) not yet applied to the rollups: for each changed row, -1 for its old outcome and +1 for its new one (a deleted row: -1). Written by triggers on chat_completion_requests, consumed by app_private.refresh_attribution_rollups().
+constraint attribution_rollup_changes_pkey PRIMARY KEY (id);
+constraint attribution_rollup_changes_requests_check CHECK (requests <> 0);
+CREATE INDEX attribution_rollup_changes_created_at_idx ON app_public.attribution_rollup_changes USING btree (created_at);
+CREATE UNIQUE INDEX attribution_rollup_changes_pkey ON app_public.attribution_rollup_changes USING btree (id);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts read the pending changes with the rollups.
+
+create table app_public.attribution_rollup_dirty_hours (
+  id bigint not null generated always as identity,  -- Primary key (several marks for one hour are normal).
+  hour timestamp with time zone not null,  -- The UTC hour whose rollup is stale.
+  marked_at timestamp with time zone not null default now(),  -- When the change was made (its transaction's start).
+  recount boolean not null default false  -- True: the hour's rollups are wrong (app_private.invalidate_attribution_rollups(): rows changed without triggers), reads scan it raw until the next refresh recounts it. False: a late insert (older insert triggers), which settling by id already counts: ignored, cleared by the next refresh.
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: @behavior -*
+UTC hours to recount from the raw rows (recount) because their rows changed without triggers: reads scan them raw until the next refresh recounts them and removes the marks. Marks without recount (late inserts, from older insert triggers) are ignored.
 constraint attribution_rollup_dirty_hours_pkey PRIMARY KEY (id);
 CREATE INDEX attribution_rollup_dirty_hours_hour_idx ON app_public.attribution_rollup_dirty_hours USING btree (hour);
 CREATE UNIQUE INDEX attribution_rollup_dirty_hours_pkey ON app_public.attribution_rollup_dirty_hours USING btree (id);
@@ -367,18 +402,21 @@ policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- 
 
 create table app_public.attribution_rollup_state (
   id boolean not null default true,  -- Always true: the table has one row.
-  settled_through timestamp with time zone not null default '-infinity'::timestamp with time zone,  -- Every UTC hour before this instant has been rolled up; reads use those rollups unless the hour is marked dirty.
+  settled_through timestamp with time zone not null default '-infinity'::timestamp with time zone,  -- The UTC hour of the last fence that passed: rows whose ids were drawn before then are settled. -infinity: nothing is settled, reads scan raw rows only.
   frozen_before timestamp with time zone not null default '-infinity'::timestamp with time zone,  -- Hours before this instant are never recomputed, because their raw rows may be gone (partitions dropped by retention): reads use their rollups even when marked dirty. Set with app_private.freeze_attribution_rollups().
-  fence_transactions text[],  -- The transactions (virtual transaction ids, pg_locks.virtualtransaction) that held a write lock on chat_completion_requests or a partition when the pending settlement was decided: the hours before fence_until settle once all of them have ended (a writer that put a row into an hour before the hour ended did not mark it dirty, and held that lock until it ended). Transactions of other tables and databases never hold settlement back.
-  fence_until timestamp with time zone,  -- The end of the hours that settle once every fence transaction has ended.
+  fence_transactions text[],  -- The transactions (virtual transaction ids, pg_locks.virtualtransaction) that held a write lock on chat_completion_requests or a partition when the pending fence was taken: rows up to fence_id settle once all of them have ended (a row's id is drawn while its writer holds that lock). Transactions of other tables and databases never hold settlement back.
+  fence_until timestamp with time zone,  -- The UTC hour in which the pending fence was taken (settled_through once it passes).
   fence_set_at timestamp with time zone,  -- When the fence was taken; an old fence means a long-running transaction writing the ledger holds settlement back (reads stay exact, but scan more raw rows).
-  refreshed_at timestamp with time zone  -- When app_private.refresh_attribution_rollups() last ran.
+  refreshed_at timestamp with time zone,  -- When app_private.refresh_attribution_rollups() last ran.
+  settled_id bigint not null default 0,  -- Every ledger row with id <= settled_id is counted in the rollups (its changes since are in attribution_rollup_changes); rows above it are read raw. Ids come from the ledger's identity sequence (CACHE 1), which writers never override.
+  fence_id bigint  -- The pending fence's id: the last id drawn when it was taken; rows up to it settle once every fence transaction has ended.
 );
 -- row level security: enabled
 -- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
 -- comment: @behavior -*
 How far the hourly rollups are settled (one row). Written only by app_private.refresh_attribution_rollups().
 constraint attribution_rollup_state_check CHECK ((fence_transactions IS NULL) = (fence_until IS NULL));
+constraint attribution_rollup_state_fence_id_check CHECK ((fence_id IS NULL) = (fence_until IS NULL));
 constraint attribution_rollup_state_id_check CHECK (id);
 constraint attribution_rollup_state_pkey PRIMARY KEY (id);
 constraint attribution_rollup_state_settled_through_check CHECK (settled_through = '-infinity'::timestamp with time zone OR settled_through = date_trunc('hour'::text, settled_through, 'UTC'::text));
@@ -396,11 +434,29 @@ create table app_public.attribution_rollups_hourly (
 -- row level security: enabled
 -- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
 -- comment: @behavior -*
-Request counts per UTC hour and attribution outcome, recomputed from the raw rows by app_private.refresh_attribution_rollups(). Read through app_public.attribution_counts_by_hour(), which adds the hours not settled yet from the raw rows.
+Request counts per UTC hour and attribution outcome of the rows with id <= attribution_rollup_state.settled_id, kept by app_private.refresh_attribution_rollups(). Read through app_public.attribution_counts_by_hour(), which adds the changes not applied yet and the rows not settled yet.
 constraint attribution_rollups_hourly_hour_check CHECK (hour = date_trunc('hour'::text, hour, 'UTC'::text));
 constraint attribution_rollups_hourly_pkey PRIMARY KEY (hour, attribution_status, is_anonymous, has_user, initial_attribution);
 constraint attribution_rollups_hourly_requests_check CHECK (requests > 0);
 CREATE UNIQUE INDEX attribution_rollups_hourly_pkey ON app_public.attribution_rollups_hourly USING btree (hour, attribution_status, is_anonymous, has_user, initial_attribution);
+policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts read the rollups (they see every request anyway); users read raw rows through their own policy.
+
+create table app_public.attribution_rollups_minutely (
+  minute timestamp with time zone not null,  -- The minute (date_trunc('minute', created_at, 'UTC')).
+  attribution_status text not null,  -- The rows' attribution_status.
+  is_anonymous boolean not null,  -- The rows' is_anonymous.
+  has_user boolean not null,  -- Whether the rows' user_id is set.
+  initial_attribution text not null,  -- The rows' initial_attribution, `unknown` for rows recorded before it was kept.
+  requests bigint not null  -- How many rows.
+);
+-- row level security: enabled
+-- acl: keytrack_admin=r/keytrack_owner, keytrack_analyst=r/keytrack_owner, keytrack_owner=arwdDxt/keytrack_owner, keytrack_user=r/keytrack_owner
+-- comment: @behavior -*
+Request counts per minute and attribution outcome of the rows with id <= attribution_rollup_state.settled_id, kept by app_private.refresh_attribution_rollups() (the hourly rollups are their sums). Read through app_public.attribution_counts_by_hour().
+constraint attribution_rollups_minutely_minute_check CHECK (minute = date_trunc('minute'::text, minute, 'UTC'::text));
+constraint attribution_rollups_minutely_pkey PRIMARY KEY (minute, attribution_status, is_anonymous, has_user, initial_attribution);
+constraint attribution_rollups_minutely_requests_check CHECK (requests > 0);
+CREATE UNIQUE INDEX attribution_rollups_minutely_pkey ON app_public.attribution_rollups_minutely USING btree (minute, attribution_status, is_anonymous, has_user, initial_attribution);
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts read the rollups (they see every request anyway); users read raw rows through their own policy.
 
 create table app_public.chat_completion_requests (
@@ -465,8 +521,8 @@ CREATE INDEX chat_completion_requests_user_id_idx ON ONLY app_public.chat_comple
 CREATE INDEX idx_chat_completion_requests_is_anonymous ON ONLY app_public.chat_completion_requests USING btree (is_anonymous);
 CREATE TRIGGER _200_keep_initial_attribution BEFORE UPDATE ON app_public.chat_completion_requests FOR EACH ROW WHEN (old.initial_attribution IS DISTINCT FROM new.initial_attribution) EXECUTE FUNCTION app_private.tg_chat_completion_requests__keep_initial_attribution();  -- Keeps initial_attribution immutable (see app_private.tg_chat_completion_requests__keep_initial_attribution).
 CREATE TRIGGER _500_attribute BEFORE INSERT ON app_public.chat_completion_requests FOR EACH ROW EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- Claims the request_id and attributes the row (see app_private.tg_chat_completion_requests__attribute).
-CREATE TRIGGER _900_mark_rollup_hours_delete AFTER DELETE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Marks ended hours that lost rows dirty for the rollups.
-CREATE TRIGGER _900_mark_rollup_hours_update AFTER UPDATE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Marks ended hours whose rows changed attribution (retry, backfill) dirty for the rollups.
+CREATE TRIGGER _900_mark_rollup_hours_delete AFTER DELETE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Records deleted rows for the rollups (see app_private.tg_chat_completion_requests__mark_rollup_hours).
+CREATE TRIGGER _900_mark_rollup_hours_update AFTER UPDATE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Records attribution changes (retry, backfill) for the rollups (see app_private.tg_chat_completion_requests__mark_rollup_hours).
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every request.
 policy select_own for r to keytrack_user using ((user_id = app_public.current_user_id()));  -- A user sees only the requests attributed to them.
 
@@ -578,16 +634,17 @@ begin
   m.tracking_failures_not_found := coalesce((e ->> 'retry_failed')::bigint, 0);
   m.tracking_failures_no_key := m.tracking_failures_no_key + coalesce((e ->> 'backfill_no_key')::bigint, 0);
   m.tracking_failures_ambiguous := coalesce((e ->> 'backfill_ambiguous')::bigint, 0);
-  select count(*) filter (where not c.is_anonymous), count(*) filter (where not c.is_anonymous and c.api_key_id is not null)
+  -- api_key_id is set exactly when attribution_status is resolved (a CHECK).
+  select coalesce(sum(q.requests) filter (where not q.is_anonymous), 0),
+         coalesce(sum(q.requests) filter (where not q.is_anonymous and q.attribution_status = 'resolved'), 0)
     into v_authenticated, v_with_key
-    from app_public.chat_completion_requests c
-   where c.created_at >= now() - interval '1 hour';
+    from app_public.attribution_counts_by_hour(now() - interval '1 hour') q;
   m.authenticated_tracking_rate := v_with_key::double precision / nullif(v_authenticated, 0);
   return m;
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: The numbers behind the spec's Prometheus metrics, one row: cumulative counters that never decrease (insert-time outcomes counted from initial_attribution, so a row resolved or failed later does not lower them; retry and backfill events from app_private.attribution_events) and gauges (pending and failed rows now, the authenticated tracking rate of the last 60 minutes). Rows recorded before initial_attribution existed are not counted. For the service (the owner).
+-- comment: The numbers behind the spec's Prometheus metrics, one row: cumulative counters that never decrease (insert-time outcomes counted from initial_attribution, so a row resolved or failed later does not lower them; retry and backfill events from app_private.attribution_events) and gauges (pending and failed rows now, the authenticated tracking rate of the last 60 minutes), all from the rollups (app_public.attribution_counts_by_hour()). Rows recorded before initial_attribution existed are not counted. For the service (the owner).
 
 CREATE OR REPLACE FUNCTION app_private.authenticate_api_key(key_hash bytea)
  RETURNS app_private.authenticated_api_key
@@ -778,8 +835,13 @@ begin
     raise exception 'rollups are settled only up to %; refresh them before freezing up to %', v_state.settled_through, before
       using errcode = '55000';
   end if;
-  if exists (select 1 from app_public.attribution_rollup_dirty_hours d where d.hour < before and d.hour >= v_state.frozen_before) then
-    raise exception 'hours before % are marked dirty; refresh the rollups first', before using errcode = '55000';
+  if exists (select 1 from app_public.attribution_rollup_dirty_hours d
+              where d.recount and d.hour < before and d.hour >= v_state.frozen_before)
+     or exists (select 1 from app_public.chat_completion_requests c
+                 where c.id > v_state.settled_id and c.created_at < before and c.created_at >= v_state.frozen_before)
+     or exists (select 1 from app_public.attribution_rollup_changes d
+                 where d.created_at < before and d.created_at >= v_state.frozen_before) then
+    raise exception 'hours before % have rows or changes not in the rollups yet; refresh the rollups first', before using errcode = '55000';
   end if;
   update app_public.attribution_rollup_state s set frozen_before = greatest(s.frozen_before, before)
     returning * into v_state;
@@ -787,7 +849,7 @@ begin
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: Call before dropping raw partitions (retention): hours before `before` keep their rollups forever and are never recomputed from raw rows that may be gone. Refuses while those hours are not settled or are marked dirty.
+-- comment: Call before dropping raw partitions (retention): hours before `before` keep their rollups forever and are never recounted from raw rows that may be gone. Refuses while those hours have rows or changes the rollups do not hold yet, or are marked for a recount.
 
 CREATE OR REPLACE FUNCTION app_private.get_or_create_dev_api_key()
  RETURNS text
@@ -849,14 +911,14 @@ begin
   if since is null or until is null or since >= until or since = '-infinity' or until = 'infinity' then
     raise exception 'since and until must be finite with since < until' using errcode = '22023';
   end if;
-  insert into app_public.attribution_rollup_dirty_hours (hour)
-    select h from generate_series(date_trunc('hour', since, 'UTC'), until - interval '1 microsecond', interval '1 hour') h;
+  insert into app_public.attribution_rollup_dirty_hours (hour, recount)
+    select h, true from generate_series(date_trunc('hour', since, 'UTC'), until - interval '1 microsecond', interval '1 hour') h;
   get diagnostics v_count = row_count;
   return v_count;
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: Marks every UTC hour that overlaps [since, until) dirty, so reads scan it raw and the next refresh recomputes it. For loads that bypass triggers (session_replication_role = replica, COPY into a partition). Returns how many hours it marked.
+-- comment: Marks every UTC hour that overlaps [since, until) for a recount, so reads scan it raw and the next refresh counts it again from the raw rows. For changes that bypass triggers (UPDATE or DELETE with session_replication_role = replica, on a partition without triggers); rows inserted without triggers need nothing (they are settled by id). Returns how many hours it marked.
 
 CREATE OR REPLACE FUNCTION app_private.is_admin()
  RETURNS boolean
@@ -899,71 +961,72 @@ CREATE OR REPLACE FUNCTION app_private.refresh_attribution_rollups()
  LANGUAGE plpgsql
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
  SET jit TO 'off'
+ SET plan_cache_mode TO 'force_custom_plan'
 AS $function$
 declare
   v_state app_public.attribution_rollup_state;
+  v_seq regclass := pg_catalog.pg_get_serial_sequence('app_public.chat_completion_requests', 'id')::regclass;
+  v_cache bigint;
   v_target timestamptz;
+  v_last_id bigint;
+  v_vxids text[];
+  v_deadline timestamptz;
+  v_from_scratch boolean;
+  v_old bigint;
+  v_new bigint;
   v_settled timestamptz;
-  v_from timestamptz;
-  v_hours timestamptz[];
+  v_recount timestamptz[];
+  v_minutes timestamptz[];
+  v_statuses text[];
+  v_anonymous boolean[];
+  v_has_user boolean[];
+  v_initial text[];
+  v_counts bigint[];
   v_result app_private.attribution_rollup_refresh_result;
 begin
   -- Each statement below needs a snapshot newer than the one before (the
-  -- recount must see the rows whose marks were consumed, and the writers the
-  -- fence waited for): READ COMMITTED only.
+  -- count must see the writers the fence waited for): READ COMMITTED only.
   if current_setting('transaction_isolation') <> 'read committed' then
     raise exception 'refresh_attribution_rollups() must run in a READ COMMITTED transaction, not %', current_setting('transaction_isolation')
       using errcode = '25001';
+  end if;
+  -- With a sequence cache, a session hands out ids below ones already drawn
+  -- by others: settling by id would miss their rows.
+  select s.cache_size into v_cache from pg_catalog.pg_sequences s
+   where format('%I.%I', s.schemaname, s.sequencename)::regclass = v_seq;
+  if v_cache is distinct from 1 then
+    raise exception 'the ledger''s id sequence % must have CACHE 1 for the rollups to settle by id (it has %)', v_seq, v_cache
+      using errcode = '55000';
   end if;
   -- One refresh at a time; a second one has nothing to add.
   select * into v_state from app_public.attribution_rollup_state for update skip locked;
   if not found then
     return v_result;
   end if;
-  v_target := date_trunc('hour', clock_timestamp(), 'UTC');
+  v_from_scratch := v_state.settled_through = '-infinity';
+  v_old := case when v_from_scratch then 0 else v_state.settled_id end;
+  v_new := v_old;
   v_settled := v_state.settled_through;
+  -- A fence taken by an earlier run, once its transactions have ended.
   if v_state.fence_until is not null
      and not exists (select 1 from pg_catalog.pg_locks l where l.virtualtransaction = any(v_state.fence_transactions)) then
-    v_settled := greatest(v_state.settled_through, v_state.fence_until);
+    v_new := greatest(v_new, v_state.fence_id);
+    v_settled := greatest(v_settled, v_state.fence_until);
+    v_state.fence_id := null;
     v_state.fence_transactions := null;
     v_state.fence_until := null;
     v_state.fence_set_at := null;
   end if;
-  -- Consume the marks of every hour that is settled after this run; those
-  -- before the old settled_through (and not frozen) need a recount.
-  with consumed as (
-    delete from app_public.attribution_rollup_dirty_hours d where d.hour < v_settled returning d.hour
-  )
-  select array_agg(distinct c.hour) into v_hours from consumed c
-   where c.hour < v_state.settled_through and c.hour >= v_state.frozen_before;
-  -- Newly settled hours, counted from the raw rows (this statement's snapshot
-  -- is newer than the one that consumed the marks).
-  v_from := greatest(v_state.settled_through, v_state.frozen_before);
-  if v_from < v_settled then
-    delete from app_public.attribution_rollups_hourly r where r.hour >= v_from and r.hour < v_settled;
-    insert into app_public.attribution_rollups_hourly (hour, attribution_status, is_anonymous, has_user, initial_attribution, requests)
-      select date_trunc('hour', c.created_at, 'UTC'), c.attribution_status, c.is_anonymous, c.user_id is not null,
-             coalesce(c.initial_attribution, 'unknown'), count(*)
-        from app_public.chat_completion_requests c
-       where c.created_at >= v_from and c.created_at < v_settled
-       group by 1, 2, 3, 4, 5;
-  end if;
-  -- Dirty hours, recounted.
-  if v_hours is not null then
-    delete from app_public.attribution_rollups_hourly r where r.hour = any(v_hours);
-    insert into app_public.attribution_rollups_hourly (hour, attribution_status, is_anonymous, has_user, initial_attribution, requests)
-      select h.hour, c.attribution_status, c.is_anonymous, c.user_id is not null,
-             coalesce(c.initial_attribution, 'unknown'), count(*)
-        from unnest(v_hours) as h(hour)
-        join app_public.chat_completion_requests c on c.created_at >= h.hour and c.created_at < h.hour + interval '1 hour'
-       group by 1, 2, 3, 4, 5;
-  end if;
-  -- The next fence: hours up to v_target settle once every transaction that
-  -- holds a write lock on the ledger now has ended. Read after v_target: a
-  -- writer that still saw one of those hours open took its lock before, and
-  -- keeps it until it ends (locks are released after the commit is visible).
-  if v_state.fence_until is null and v_settled < v_target then
-    select coalesce(array_agg(distinct l.virtualtransaction), '{}') into v_state.fence_transactions
+  -- A new fence: the last id drawn, then (read after it) every transaction
+  -- holding a write lock on the ledger. A writer takes that lock before it
+  -- draws an id and keeps it until it ends (locks are released after the
+  -- commit is visible), so once those transactions have ended, every row up
+  -- to that id is committed or gone. Inserts are usually over within
+  -- milliseconds: wait up to a second for them, so rows settle in this run.
+  if v_state.fence_until is null then
+    v_target := date_trunc('hour', clock_timestamp(), 'UTC');
+    v_last_id := coalesce(pg_catalog.pg_sequence_last_value(v_seq), 0);
+    select coalesce(array_agg(distinct l.virtualtransaction), '{}') into v_vxids
       from pg_catalog.pg_locks l
      where l.locktype = 'relation'
        and l.database = (select d.oid from pg_catalog.pg_database d where d.datname = current_database())
@@ -972,11 +1035,120 @@ begin
                           union all
                           select i.inhrelid::regclass from pg_catalog.pg_inherits i
                            where i.inhparent = 'app_public.chat_completion_requests'::regclass);
-    v_state.fence_until := v_target;
-    v_state.fence_set_at := now();
+    v_deadline := clock_timestamp() + interval '1 second';
+    -- (Not when this transaction is one of them: it cannot wait for itself.)
+    while cardinality(v_vxids) > 0 and clock_timestamp() < v_deadline
+          and not exists (select 1 from pg_catalog.pg_locks l
+                           where l.pid = pg_catalog.pg_backend_pid() and l.virtualtransaction = any(v_vxids)) loop
+      perform pg_catalog.pg_sleep(0.005);
+      select coalesce(array_agg(distinct l.virtualtransaction), '{}') into v_vxids
+        from pg_catalog.pg_locks l where l.virtualtransaction = any(v_vxids);
+    end loop;
+    if cardinality(v_vxids) = 0 then
+      v_new := greatest(v_new, v_last_id);
+      v_settled := greatest(v_settled, v_target);
+    else
+      v_state.fence_id := v_last_id;
+      v_state.fence_transactions := v_vxids;
+      v_state.fence_until := v_target;
+      v_state.fence_set_at := now();
+    end if;
+  end if;
+  if v_settled = '-infinity' then
+    -- No fence has passed yet: nothing is settled, nothing to count.
+    update app_public.attribution_rollup_state s set
+      fence_id = v_state.fence_id, fence_transactions = v_state.fence_transactions,
+      fence_until = v_state.fence_until, fence_set_at = v_state.fence_set_at, refreshed_at = now();
+    v_result.settled_through := v_settled;
+    v_result.settled_hours := 0;
+    v_result.recomputed_hours := 0;
+    v_result.waiting_since := v_state.fence_set_at;
+    return v_result;
+  end if;
+  if v_from_scratch then
+    -- Everything is counted again, except frozen hours (their raw rows may be gone).
+    delete from app_public.attribution_rollups_minutely m where m.minute >= v_state.frozen_before;
+    delete from app_public.attribution_rollups_hourly r where r.hour >= v_state.frozen_before;
+  end if;
+  -- One statement, so one snapshot: the marks and changes it consumes are
+  -- exactly those whose effects the rows it counts already show. Changes of
+  -- rows settled before this run are applied; changes of rows counted now (or
+  -- still unsettled) are dropped, the count sees them. Hours marked for a
+  -- recount are counted whole (rows up to the new settled id).
+  with marks as (
+    delete from app_public.attribution_rollup_dirty_hours d returning d.hour, d.recount
+  ), recount as (
+    select distinct m.hour from marks m
+     where m.recount and m.hour >= v_state.frozen_before and not v_from_scratch
+  ), consumed as (
+    delete from app_public.attribution_rollup_changes d
+    returning d.row_id, d.created_at, d.attribution_status, d.is_anonymous, d.has_user, d.initial_attribution, d.requests
+  ), changes as (
+    select date_trunc('minute', d.created_at, 'UTC') as minute, d.attribution_status, d.is_anonymous, d.has_user,
+           d.initial_attribution, d.requests::bigint as n
+      from consumed d
+     where d.row_id <= v_old
+       and date_trunc('hour', d.created_at, 'UTC') not in (select h.hour from recount h)
+    union all
+    select date_trunc('minute', c.created_at, 'UTC'), c.attribution_status, c.is_anonymous, c.user_id is not null,
+           coalesce(c.initial_attribution, 'unknown'), 1
+      from app_public.chat_completion_requests c
+     where c.id > v_old and c.id <= v_new
+       and (not v_from_scratch or c.created_at >= v_state.frozen_before)
+       and date_trunc('hour', c.created_at, 'UTC') not in (select h.hour from recount h)
+    union all
+    select date_trunc('minute', c.created_at, 'UTC'), c.attribution_status, c.is_anonymous, c.user_id is not null,
+           coalesce(c.initial_attribution, 'unknown'), 1
+      from recount h
+      join app_public.chat_completion_requests c on c.created_at >= h.hour and c.created_at < h.hour + interval '1 hour'
+     where c.id <= v_new
+  ), net as (
+    select g.minute, g.attribution_status, g.is_anonymous, g.has_user, g.initial_attribution, sum(g.n)::bigint as n
+      from changes g
+     group by 1, 2, 3, 4, 5
+    having sum(g.n) <> 0
+  )
+  select (select array_agg(h.hour) from recount h),
+         array_agg(t.minute), array_agg(t.attribution_status), array_agg(t.is_anonymous), array_agg(t.has_user),
+         array_agg(t.initial_attribution), array_agg(t.n)
+    into v_recount, v_minutes, v_statuses, v_anonymous, v_has_user, v_initial, v_counts
+    from net t;
+  if v_recount is not null then
+    delete from app_public.attribution_rollups_hourly r where r.hour = any(v_recount);
+    delete from app_public.attribution_rollups_minutely m
+     using unnest(v_recount) h(hour)
+     where m.minute >= h.hour and m.minute < h.hour + interval '1 hour';
+  end if;
+  if v_minutes is not null then
+    -- A count that would become negative violates the CHECK: the rollups
+    -- would be wrong, better to fail loudly.
+    merge into app_public.attribution_rollups_minutely m
+    using (select * from unnest(v_minutes, v_statuses, v_anonymous, v_has_user, v_initial, v_counts)
+             as u(minute, attribution_status, is_anonymous, has_user, initial_attribution, n)) u
+       on m.minute = u.minute and m.attribution_status = u.attribution_status and m.is_anonymous = u.is_anonymous
+      and m.has_user = u.has_user and m.initial_attribution = u.initial_attribution
+    when matched and m.requests + u.n = 0 then delete
+    when matched then update set requests = m.requests + u.n
+    when not matched then insert (minute, attribution_status, is_anonymous, has_user, initial_attribution, requests)
+      values (u.minute, u.attribution_status, u.is_anonymous, u.has_user, u.initial_attribution, u.n);
+    merge into app_public.attribution_rollups_hourly r
+    using (select date_trunc('hour', u.minute, 'UTC') as hour, u.attribution_status, u.is_anonymous, u.has_user,
+                  u.initial_attribution, sum(u.n)::bigint as n
+             from unnest(v_minutes, v_statuses, v_anonymous, v_has_user, v_initial, v_counts)
+               as u(minute, attribution_status, is_anonymous, has_user, initial_attribution, n)
+            group by 1, 2, 3, 4, 5
+           having sum(u.n) <> 0) u
+       on r.hour = u.hour and r.attribution_status = u.attribution_status and r.is_anonymous = u.is_anonymous
+      and r.has_user = u.has_user and r.initial_attribution = u.initial_attribution
+    when matched and r.requests + u.n = 0 then delete
+    when matched then update set requests = r.requests + u.n
+    when not matched then insert (hour, attribution_status, is_anonymous, has_user, initial_attribution, requests)
+      values (u.hour, u.attribution_status, u.is_anonymous, u.has_user, u.initial_attribution, u.n);
   end if;
   update app_public.attribution_rollup_state s set
     settled_through = v_settled,
+    settled_id = v_new,
+    fence_id = v_state.fence_id,
     fence_transactions = v_state.fence_transactions,
     fence_until = v_state.fence_until,
     fence_set_at = v_state.fence_set_at,
@@ -984,13 +1156,13 @@ begin
   v_result.settled_through := v_settled;
   v_result.settled_hours := case when v_state.settled_through = '-infinity' then 0
                                  else (extract(epoch from v_settled - v_state.settled_through) / 3600)::integer end;
-  v_result.recomputed_hours := coalesce(cardinality(v_hours), 0);
+  v_result.recomputed_hours := coalesce(cardinality(v_recount), 0);
   v_result.waiting_since := v_state.fence_set_at;
   return v_result;
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: The rollup worker's body (every minute): settles the hours whose fence has passed (counts them from the raw rows), recomputes the hours marked dirty since, consumes their marks and takes the next fence. Idempotent; concurrent runs skip. Reads are exact whether or not it runs; it only makes them cheaper.
+-- comment: The rollup worker's body (every minute): takes a fence (the last id drawn and the transactions writing the ledger), waits up to a second for them to end (else the next run settles it), then in one snapshot counts the rows up to that id into the minute and hour rollups, applies and removes the recorded changes of rows settled before, and recounts the hours marked for a recount. Cost: the rows inserted and changed since the last run (plus recounted hours), whatever their created_at. Idempotent; concurrent runs skip. Reads are exact whether or not it runs; it only makes them cheaper. Refuses (55000) if the ledger's id sequence has a cache.
 
 CREATE OR REPLACE FUNCTION app_private.register_serving_process(host text, pid integer, version text)
  RETURNS uuid
@@ -1440,32 +1612,45 @@ CREATE OR REPLACE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_
  SECURITY DEFINER
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
 AS $function$
-declare
-  v_open_hour timestamptz := date_trunc('hour', clock_timestamp(), 'UTC');
 begin
   if tg_op = 'DELETE' then
-    insert into app_public.attribution_rollup_dirty_hours (hour)
-      select distinct date_trunc('hour', o.created_at, 'UTC') from old_rows o where o.created_at < v_open_hour;
+    insert into app_public.attribution_rollup_changes (row_id, created_at, attribution_status, is_anonymous, has_user, initial_attribution, requests)
+      select o.id, o.created_at, o.attribution_status, o.is_anonymous, o.user_id is not null, coalesce(o.initial_attribution, 'unknown'), -1
+        from old_rows o;
+    delete from app_public.attribution_retry_latencies l
+     using old_rows o
+     where o.attribution_method = 'retry' and l.row_id = o.id and l.created_at = o.created_at;
   else
+    -- Retry latencies: rows that left `retry` (or whose times changed), then rows that entered it.
+    delete from app_public.attribution_retry_latencies l
+     using (select o.id, o.created_at, o.attributed_at from old_rows o where o.attribution_method = 'retry'
+            except all
+            select n.id, n.created_at, n.attributed_at from new_rows n where n.attribution_method = 'retry') o
+     where l.row_id = o.id and l.created_at = o.created_at;
+    insert into app_public.attribution_retry_latencies (row_id, created_at, attributed_at)
+      select n.id, n.created_at, n.attributed_at from new_rows n where n.attribution_method = 'retry'
+      except all
+      select o.id, o.created_at, o.attributed_at from old_rows o where o.attribution_method = 'retry'
+      on conflict (row_id, created_at) do update set attributed_at = excluded.attributed_at;
     -- Only rows whose rolled-up columns changed (a retry that leaves a row
-    -- pending changes nothing a rollup counts).
-    insert into app_public.attribution_rollup_dirty_hours (hour)
-      select distinct date_trunc('hour', x.created_at, 'UTC') from (
-        (select o.created_at, o.attribution_status, o.is_anonymous, o.user_id is null as no_user from old_rows o
-         except all
-         select n.created_at, n.attribution_status, n.is_anonymous, n.user_id is null from new_rows n)
-        union all
-        (select n.created_at, n.attribution_status, n.is_anonymous, n.user_id is null as no_user from new_rows n
-         except all
-         select o.created_at, o.attribution_status, o.is_anonymous, o.user_id is null from old_rows o)
-      ) x
-      where x.created_at < v_open_hour;
+    -- pending changes nothing a rollup counts): their -1 and +1 cancel out.
+    insert into app_public.attribution_rollup_changes (row_id, created_at, attribution_status, is_anonymous, has_user, initial_attribution, requests)
+      select x.id, x.created_at, x.attribution_status, x.is_anonymous, x.has_user, x.initial_attribution, sum(x.n)
+        from (select o.id, o.created_at, o.attribution_status, o.is_anonymous, o.user_id is not null as has_user,
+                     coalesce(o.initial_attribution, 'unknown') as initial_attribution, -1 as n
+                from old_rows o
+              union all
+              select n.id, n.created_at, n.attribution_status, n.is_anonymous, n.user_id is not null,
+                     coalesce(n.initial_attribution, 'unknown'), 1
+                from new_rows n) x
+       group by 1, 2, 3, 4, 5, 6
+      having sum(x.n) <> 0;
   end if;
   return null;
 end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
--- comment: Trigger function (AFTER UPDATE/DELETE FOR EACH STATEMENT on chat_completion_requests, with transition tables): marks the UTC hours that already ended and whose rolled-up counts the statement changed in attribution_rollup_dirty_hours, one row per hour per statement. Writes nothing for rows of the current hour.
+-- comment: Trigger function (AFTER UPDATE/DELETE FOR EACH STATEMENT on chat_completion_requests, with transition tables): records in attribution_rollup_changes, with one INSERT per statement, the outcome each changed row left (-1) and entered (+1), for rows whose rolled-up columns changed (id, created_at, attribution_status, is_anonymous, whether user_id is set, initial_attribution), and -1 for each deleted row. Reads add these changes at once; the next refresh applies them to the rollups. Also keeps attribution_retry_latencies equal to the rows whose attribution_method is `retry`.
 
 CREATE OR REPLACE FUNCTION app_private.tg_users__notify_change()
  RETURNS trigger
@@ -1622,85 +1807,194 @@ CREATE OR REPLACE FUNCTION app_public.attribution_counts_by_hour(since timestamp
  STABLE
  SET jit TO 'off'
  SET max_parallel_workers_per_gather TO '0'
+ SET plan_cache_mode TO 'force_custom_plan'
 AS $function$
 declare
   v_settled timestamptz;
+  v_id bigint;
   v_frozen timestamptz;
-  v_first timestamptz;
-  v_last timestamptz;
+  v_a timestamptz;
+  v_b timestamptz;
+  v_ha timestamptz;
+  v_hb timestamptz;
   v_raw_hours timestamptz[];
+  v_minute_hours timestamptz[];
+  v_parts text[];
 begin
-  -- Invisible (not an admin or analyst): nothing is settled for this caller,
-  -- so everything is read raw, through the caller's row-level security.
-  select s.settled_through, s.frozen_before into v_settled, v_frozen from app_public.attribution_rollup_state s;
-  v_settled := coalesce(v_settled, '-infinity');
-  v_frozen := coalesce(v_frozen, '-infinity');
-  -- Whole UTC hours [v_first, v_last) may come from rollups.
-  v_first := date_trunc('hour', since, 'UTC');
-  if v_first < since then
-    v_first := v_first + interval '1 hour';
+  if since >= until then
+    return;
   end if;
-  v_last := greatest(least(date_trunc('hour', until, 'UTC'), v_settled), v_first);
-  -- Among those, read raw: hours marked dirty (unless frozen), and hours that
-  -- do not fall inside one hour of the session's time zone (offsets that are
-  -- not whole hours), whose rows must be bucketed one by one.
-  select array_agg(x.h) into v_raw_hours from (
-    select d.hour as h from app_public.attribution_rollup_dirty_hours d
-     where d.hour >= v_first and d.hour < v_last and d.hour >= v_frozen
-    union
-    select r.hour from app_public.attribution_rollups_hourly r
-     where r.hour >= v_first and r.hour < v_last
-       and date_trunc('hour', r.hour) <> date_trunc('hour', r.hour + interval '59 minutes 59.999999 seconds')
-  ) x;
+  -- Invisible (not an admin or analyst), or nothing settled yet: every row is
+  -- read raw, through the caller's row-level security.
+  select s.settled_through, s.settled_id, s.frozen_before into v_settled, v_id, v_frozen from app_public.attribution_rollup_state s;
+  if v_settled is null or v_settled = '-infinity' then
+    return query
+      select date_trunc('hour', c.created_at), c.attribution_status, c.is_anonymous, c.user_id is not null,
+             coalesce(c.initial_attribution, 'unknown'), count(*)
+        from app_public.chat_completion_requests c
+       where c.created_at >= since and c.created_at < until
+       group by 1, 2, 3, 4, 5;
+    return;
+  end if;
+  -- Rollups cover whole minutes [v_a, v_b), from the minute boundary nearest
+  -- to since to the one nearest to until: the settled rows between since and
+  -- v_a (and between until and v_b) are read raw and added or taken back, at
+  -- most 30 seconds of rows at each edge. A window shorter than two minutes
+  -- reads its settled rows raw. An until close to now() rounds up: rows
+  -- created after now() are rare. Whole UTC hours [v_ha, v_hb) come from the
+  -- hourly rollups, the other minutes from the minute rollups.
+  if since > '-infinity' and until < 'infinity' and until - since < interval '2 minutes' then
+    v_a := since;
+    v_b := since;
+  else
+    v_a := since;
+    if since > '-infinity' then
+      v_a := date_trunc('minute', since, 'UTC');
+      if since - v_a > interval '30 seconds' then
+        v_a := v_a + interval '1 minute';
+      end if;
+    end if;
+    v_b := until;
+    if until < 'infinity' then
+      v_b := date_trunc('minute', until, 'UTC');
+      if until > v_b and (until - v_b >= interval '30 seconds' or v_b + interval '1 minute' > now()) then
+        v_b := v_b + interval '1 minute';
+      end if;
+    end if;
+  end if;
+  v_ha := date_trunc('hour', v_a, 'UTC');
+  if v_ha < v_a then
+    v_ha := v_ha + interval '1 hour';
+  end if;
+  v_hb := greatest(date_trunc('hour', v_b, 'UTC'), v_ha);
+  -- Read raw: hours marked for a recount (unless frozen), and hours whose
+  -- minutes are not minutes of the session's time zone (offsets in seconds).
+  select array_agg(distinct d.hour) into v_raw_hours
+    from app_public.attribution_rollup_dirty_hours d
+   where d.recount and d.hour >= date_trunc('hour', least(v_a, since), 'UTC') and d.hour < greatest(v_b, until) and d.hour >= v_frozen;
   v_raw_hours := coalesce(v_raw_hours, '{}');
-  return query
-    select date_trunc('hour', r.hour), r.attribution_status, r.is_anonymous, r.has_user, r.initial_attribution, r.requests
-      from app_public.attribution_rollups_hourly r
-     where r.hour >= v_first and r.hour < v_last and r.hour <> all(v_raw_hours)
-    union all
-    select date_trunc('hour', c.created_at), c.attribution_status, c.is_anonymous, c.user_id is not null,
-           coalesce(c.initial_attribution, 'unknown'), count(*)
-      from (select since as lo, least(v_first, until) as hi   -- the partial first hour
-            union all
-            select greatest(v_last, since), until               -- the hours not settled yet
-            union all
-            select h, h + interval '1 hour' from unnest(v_raw_hours) h) rg
-      join app_public.chat_completion_requests c on c.created_at >= rg.lo and c.created_at < rg.hi
-     where rg.lo < rg.hi
-     group by 1, 2, 3, 4, 5;
+  -- Whole hours that are not one hour of the session's time zone (offsets
+  -- that are not whole hours) are read from their minutes.
+  if pg_catalog.current_setting('TimeZone') not in ('UTC', 'Etc/UTC', 'GMT', 'Etc/GMT', 'UCT', 'Zulu') then
+    select array_agg(x.h) filter (where date_trunc('minute', x.h) = x.h),
+           v_raw_hours || coalesce(array_agg(x.h) filter (where date_trunc('minute', x.h) <> x.h), '{}')
+      into v_minute_hours, v_raw_hours
+      from (select distinct r.hour as h from app_public.attribution_rollups_hourly r
+             where r.hour >= v_ha and r.hour < v_hb
+               and date_trunc('hour', r.hour) <> date_trunc('hour', r.hour + interval '59 minutes 59.999999 seconds')) x;
+    -- The edge hours' minutes too.
+    select v_raw_hours || coalesce(array_agg(e.h), '{}') into v_raw_hours
+      from (values (date_trunc('hour', least(v_a, since), 'UTC')), (date_trunc('hour', greatest(v_b, until), 'UTC'))) e(h)
+     where e.h > '-infinity' and e.h < 'infinity' and date_trunc('minute', e.h) <> e.h;
+  end if;
+  v_minute_hours := coalesce(v_minute_hours, '{}');
+  -- Only the parts this window needs, planned for its values ($1..$9 below):
+  -- planning every part against every partition cost more than running them.
+  v_parts := array[
+    -- Settled rows, whole hours.
+    $q$select date_trunc('hour', r.hour) as hour, r.attribution_status, r.is_anonymous, r.has_user, r.initial_attribution,
+              r.requests as n
+         from app_public.attribution_rollups_hourly r
+        where r.hour >= $1 and r.hour < $2 and r.hour <> all($3) and r.hour <> all($4)$q$,
+    -- Changes to settled rows that the rollups do not hold yet.
+    $q$select date_trunc('hour', d.created_at), d.attribution_status, d.is_anonymous, d.has_user, d.initial_attribution,
+              d.requests::bigint
+         from app_public.attribution_rollup_changes d
+        where d.row_id <= $7 and d.created_at >= $5 and d.created_at < $6
+          and date_trunc('hour', d.created_at, 'UTC') <> all($3)$q$];
+  if v_a < v_ha or v_hb < v_b then
+    -- Settled rows, the edge minutes.
+    v_parts := v_parts || $q$select date_trunc('hour', m.minute), m.attribution_status, m.is_anonymous, m.has_user, m.initial_attribution, m.requests
+         from app_public.attribution_rollups_minutely m
+        where ((m.minute >= $5 and m.minute < least($1, $6)) or (m.minute >= greatest($2, $5) and m.minute < $6))
+          and date_trunc('hour', m.minute, 'UTC') <> all($3)$q$::text;
+  end if;
+  if cardinality(v_minute_hours) > 0 then
+    -- Settled rows, hours that are not hours here.
+    v_parts := v_parts || $q$select date_trunc('hour', m.minute), m.attribution_status, m.is_anonymous, m.has_user, m.initial_attribution, m.requests
+         from unnest($4) h(hour)
+         join app_public.attribution_rollups_minutely m on m.minute >= h.hour and m.minute < h.hour + interval '1 hour'
+        where h.hour <> all($3)$q$::text;
+  end if;
+  -- Settled rows between since and v_a, and between until and v_b: added
+  -- when inside [since, until), taken back when outside.
+  if v_a <> since then
+    v_parts := v_parts || format($q$select date_trunc('hour', c.created_at), c.attribution_status, c.is_anonymous, c.user_id is not null,
+              coalesce(c.initial_attribution, 'unknown'), %s * count(*)
+         from app_public.chat_completion_requests c
+        where c.created_at >= least($5, $8) and c.created_at < greatest($5, $8) and c.id <= $7
+          and date_trunc('hour', c.created_at, 'UTC') <> all($3)
+        group by 1, 2, 3, 4, 5$q$, case when v_a < since then -1 else 1 end);
+  end if;
+  if v_b <> until then
+    v_parts := v_parts || format($q$select date_trunc('hour', c.created_at), c.attribution_status, c.is_anonymous, c.user_id is not null,
+              coalesce(c.initial_attribution, 'unknown'), %s * count(*)
+         from app_public.chat_completion_requests c
+        where c.created_at >= least($6, $9) and c.created_at < greatest($6, $9) and c.id <= $7
+          and date_trunc('hour', c.created_at, 'UTC') <> all($3)
+        group by 1, 2, 3, 4, 5$q$, case when until < v_b then -1 else 1 end);
+  end if;
+  -- Rows not settled yet (inserted since the last refresh, whatever their
+  -- created_at); none when no id was drawn since.
+  if coalesce(app_public.ledger_last_id(), 0) > v_id then
+    v_parts := v_parts || $q$select date_trunc('hour', c.created_at), c.attribution_status, c.is_anonymous, c.user_id is not null,
+              coalesce(c.initial_attribution, 'unknown'), count(*)
+         from app_public.chat_completion_requests c
+        where c.id > $7 and c.created_at >= $8 and c.created_at < $9
+          and date_trunc('hour', c.created_at, 'UTC') <> all($3)
+        group by 1, 2, 3, 4, 5$q$::text;
+  end if;
+  if cardinality(v_raw_hours) > 0 then
+    -- Hours read raw: every row.
+    v_parts := v_parts || $q$select date_trunc('hour', c.created_at), c.attribution_status, c.is_anonymous, c.user_id is not null,
+              coalesce(c.initial_attribution, 'unknown'), count(*)
+         from unnest($3) h(hour)
+         join app_public.chat_completion_requests c
+           on c.created_at >= greatest(h.hour, $8) and c.created_at < least(h.hour + interval '1 hour', $9)
+        group by 1, 2, 3, 4, 5$q$::text;
+  end if;
+  return query execute
+    'select x.hour, x.attribution_status, x.is_anonymous, x.has_user, x.initial_attribution, sum(x.n)::bigint from ('
+    || array_to_string(v_parts, ' union all ')
+    || ') x (hour, attribution_status, is_anonymous, has_user, initial_attribution, n) group by 1, 2, 3, 4, 5 having sum(x.n) > 0'
+    using v_ha, v_hb, v_raw_hours, v_minute_hours, v_a, v_b, v_id, since, until;
 end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
 -- comment: @behavior -queryField
-Requests created in [since, until) counted per hour (date_trunc('hour', created_at) in the session's time zone) and attribution outcome: settled rollups where they apply, raw rows for everything else, all in one snapshot, so the result always equals a scan of the raw rows. The same key can appear in several rows: sum them. Admins and analysts get rollups; other callers scan raw rows through their row-level security.
+Requests created in [since, until) counted per hour (date_trunc('hour', created_at) in the session's time zone) and attribution outcome, one row per key: hourly and minute rollups of the settled rows, plus their changes not applied yet, minus the settled rows of the edge minutes outside the window, plus the rows not settled yet (by id), all in one snapshot, so the result always equals a scan of the raw rows. Admins and analysts get rollups; other callers scan raw rows through their row-level security.
 
 CREATE OR REPLACE FUNCTION app_public.attribution_latency_report(hours integer DEFAULT 24)
  RETURNS TABLE(attributed_after_retry bigint, p50_seconds double precision, p99_seconds double precision, max_seconds double precision, pending bigint, oldest_pending_seconds double precision)
  LANGUAGE plpgsql
  STABLE
  SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+ SET jit TO 'off'
 AS $function$
 declare
   v_since timestamptz;
+  v_pending bigint;
 begin
   if hours is null or hours < 1 or hours > 168 then
     raise exception 'hours must be between 1 and 168, got %', hours using errcode = '22023';
   end if;
   v_since := now() - make_interval(hours => hours);
+  select coalesce(sum(q.requests) filter (where q.attribution_status = 'pending'), 0) into v_pending
+    from app_public.attribution_counts_by_hour('-infinity') q;
   return query
   select count(*),
-         percentile_cont(0.5) within group (order by extract(epoch from r.attributed_at - r.created_at))::double precision,
-         percentile_cont(0.99) within group (order by extract(epoch from r.attributed_at - r.created_at))::double precision,
-         max(extract(epoch from r.attributed_at - r.created_at))::double precision,
-         (select count(*) from app_public.chat_completion_requests p where p.attribution_status = 'pending'),
+         percentile_cont(0.5) within group (order by extract(epoch from l.attributed_at - l.created_at))::double precision,
+         percentile_cont(0.99) within group (order by extract(epoch from l.attributed_at - l.created_at))::double precision,
+         max(extract(epoch from l.attributed_at - l.created_at))::double precision,
+         v_pending,
          (select extract(epoch from now() - min(p.created_at))::double precision
             from app_public.chat_completion_requests p where p.attribution_status = 'pending')
-    from app_public.chat_completion_requests r
-   where r.created_at >= v_since and r.attribution_method = 'retry';
+    from app_public.attribution_retry_latencies l
+   where l.created_at >= v_since;
 end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
--- comment: How long attribution took for the rows that arrived in the last `hours` hours (1..168) and were resolved by the retry worker: how many, p50, p99 and max seconds from arrival to attribution; and the rows still pending, with how long the oldest has waited.
+-- comment: How long attribution took for the rows that arrived in the last `hours` hours (1..168) and were resolved by the retry worker: how many, p50, p99 and max seconds from arrival to attribution (from attribution_retry_latencies); and the rows still pending (from the rollups), with how long the oldest has waited.
 
 CREATE OR REPLACE FUNCTION app_public.attribution_offenders(hours integer DEFAULT 24, max_rows integer DEFAULT 20)
  RETURNS SETOF app_public.attribution_offender
@@ -2040,6 +2334,18 @@ end;
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: Registers many keys issued by another system by their hashes, in one call (npm run keys:import uses it): keys is a JSON array of {"key_hash": hex SHA-256, "user_id" or "user_email", "name", "environment", "prefix", "last4", "expires_at"}. Returns one result per entry: imported, already_present (idempotent: nothing changed) or refused with the reason; never a plaintext key. Wakes the pending rows that presented the imported keys, once. Admins only.
+
+CREATE OR REPLACE FUNCTION app_public.ledger_last_id()
+ RETURNS bigint
+ LANGUAGE sql
+ STABLE SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+  select pg_catalog.pg_sequence_last_value(pg_catalog.pg_get_serial_sequence('app_public.chat_completion_requests', 'id')::regclass)
+$function$;
+-- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner, keytrack_user=X/keytrack_owner
+-- comment: @behavior -queryField
+The last id drawn for chat_completion_requests (NULL before the first), whatever the caller may read: when it equals attribution_rollup_state.settled_id, no row is unsettled and attribution_counts_by_hour() skips its raw scan by id.
 
 CREATE OR REPLACE FUNCTION app_public.revoke_api_key(api_key_id uuid)
  RETURNS app_public.api_keys
