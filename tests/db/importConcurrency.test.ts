@@ -18,7 +18,7 @@ test.after.always(async () => {
 const KEYS = 40;
 const ROWS = 100_000;
 
-test("imports, two retry workers and a backfill at once on 100,000 pending rows: no error, all attributed", async (t) => {
+test.serial("imports, two retry workers and a backfill at once on 100,000 pending rows: no error, all attributed", async (t) => {
   const user = await createUser(db, "late-keys@example.com");
   // Rows presenting 40 keys that are not registered yet: all pending.
   await db.owner.query(
@@ -75,7 +75,8 @@ test("imports, two retry workers and a backfill at once on 100,000 pending rows:
   t.is(Number((await db.owner.query("select count(*) from app_private.attribution_wakes")).rows[0].count), 0, "no wake left behind");
 });
 
-test("retry batches recording their latencies at once never deadlock on the histogram", async (t) => {
+test.serial("retry batches recording their latencies at once never deadlock on the histogram", async (t) => {
+  // (Serial with the test above: its retriers add to the same histogram.)
   // Before: UPDATE ... FROM locked the buckets in heap order, which every update changes; 8 callers at
   // once failed 10-20% of their calls with "deadlock detected". Latencies spread over every bucket.
   const CALLERS = 8, CALLS = 40, PER_CALL = 6;

@@ -1,6 +1,8 @@
 // The real graphile-worker, in the service process: pending rows resolve within
 // seconds of their key being imported, a key that never appears ends failed
 // after the limit, and a backfill started from GraphQL runs to the end.
+// Serial: they share one database, and the backfill takes every row without a key (it would attribute
+// the first test's pending row, method backfill, if it ran while that row waited for its import).
 import test from "ava";
 import type { RunningServer } from "../../server/main.js";
 import { createTestDb, createUser, type TestDb } from "../helpers/db.js";
@@ -29,7 +31,7 @@ test.after.always(async () => {
 const row = async (id: string) =>
   (await db.owner.query("select * from app_public.chat_completion_requests where request_id = $1", [id])).rows[0];
 
-test("a key imported after its request arrived: the worker resolves the row within seconds", async (t) => {
+test.serial("a key imported after its request arrived: the worker resolves the row within seconds", async (t) => {
   const alice = await createUser(db, "alice@example.com");
   await db.owner.query("insert into app_public.chat_completion_requests (request_id, api_key_hash) values ('w-later', app_public.api_key_hash('sk-w-later'))");
   t.is((await row("w-later")).attribution_status, "pending");
@@ -42,7 +44,7 @@ test("a key imported after its request arrived: the worker resolves the row with
   t.like(resolved, { api_key_id: key.id, user_id: alice, attribution_method: "retry" });
 });
 
-test("a key that never appears ends failed (not_found) after the attempt limit", async (t) => {
+test.serial("a key that never appears ends failed (not_found) after the attempt limit", async (t) => {
   await db.owner.query("insert into app_public.chat_completion_requests (request_id, api_key_hash) values ('w-never', app_public.api_key_hash('sk-w-never'))");
   const failed = await waitFor("failure", async () => {
     const r = await row("w-never");
@@ -51,7 +53,7 @@ test("a key that never appears ends failed (not_found) after the attempt limit",
   t.like(failed, { attribution_reason: "not_found", attribution_attempts: 4, api_key_id: null });
 });
 
-test("a backfill started by an admin through GraphQL runs to the end in the worker", async (t) => {
+test.serial("a backfill started by an admin through GraphQL runs to the end in the worker", async (t) => {
   const bob = await createUser(db, "bob@example.com");
   await db.owner.query("select app_public.create_api_key($1)", [bob]);
   await db.owner.query("update app_public.api_keys set created_at = '2020-01-01' where user_id = $1", [bob]);
