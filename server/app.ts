@@ -11,18 +11,25 @@
  * 7. /admin/monitoring: the spec's monitoring endpoints
  * 8. / and /console: the admin console (server/console)
  * 9. whatever the caller adds (tests), then the JSON 404 and error handlers
+ *
+ * Ahead of all of them, `handler` (what the HTTP server calls) gives plain
+ * JSON POSTs to /v1/chat/completions and /v1/responses to the lean route
+ * (chat/leanRoute.ts), which answers them as the Express route would.
  */
 // Before PostGraphile is evaluated (tests may import this file directly).
 import "./preamble.js";
 
+import type http from "node:http";
+
 import express from "express";
 import type { PostGraphileInstance } from "postgraphile";
 
-import { installChat } from "./chat/installChat.js";
+import { chatDeps, installChat } from "./chat/installChat.js";
+import { leanChatRoute } from "./chat/leanRoute.js";
 import { installConsole } from "./console/installConsole.js";
 import { jsonBody } from "./http/jsonBody.js";
 import type { AppContext, Installer } from "./context.js";
-import { installMetrics, installMetricsEndpoint } from "./metrics/installMetrics.js";
+import { installMetrics, installMetricsEndpoint, metricsOf } from "./metrics/installMetrics.js";
 import { installErrorHandler } from "./middleware/installErrorHandler.js";
 import { installGraphQLAuth } from "./middleware/installGraphQLAuth.js";
 import { installHealth } from "./middleware/installHealth.js";
@@ -32,10 +39,14 @@ import { installMonitoring } from "./monitoring/installMonitoring.js";
 export interface MakeAppOptions {
   /** Extra routes, mounted after the service's own and before the 404 handler (tests). */
   extraInstallers?: Installer[];
+  /** Serve the chat POSTs through the lean route (default true); false: Express only (tests compare both). */
+  leanRoutes?: boolean;
 }
 
 export interface App {
   app: express.Express;
+  /** The HTTP server's request listener: the lean route, else the Express app. */
+  handler: (req: http.IncomingMessage, res: http.ServerResponse) => void;
   pgl: PostGraphileInstance;
   /** Releases PostGraphile (its pools and schema); the service's pools are closed by the caller. */
   close(): Promise<void>;
@@ -60,9 +71,17 @@ export async function makeApp(ctx: AppContext, options: MakeAppOptions = {}): Pr
     throw err;
   }
 
+  const lean = options.leanRoutes === false ? null : leanChatRoute(app, ctx, chatDeps(ctx), metricsOf(app, ctx).httpDuration);
+  const handler = lean
+    ? (req: http.IncomingMessage, res: http.ServerResponse) => {
+        if (!lean(req, res)) app(req, res);
+      }
+    : app;
+
   let closed: Promise<void> | null = null;
   return {
     app,
+    handler,
     pgl: postgraphile.pgl,
     close: () => (closed ??= postgraphile.release()),
   };

@@ -36,6 +36,8 @@ export interface StartServerOptions {
   extraInstallers?: Installer[];
   /** Development mode's key, instead of asking the database for it (tests of the bypass). */
   devKey?: DevKey;
+  /** Serve the chat POSTs through the lean route (default true; app.ts); false: Express only. */
+  leanRoutes?: boolean;
 }
 
 export interface RunningServer {
@@ -267,10 +269,10 @@ export async function startServer(config: Config, options: StartServerOptions = 
     }
 
     const ctx: AppContext = { config: connected, pools, log, auth, recorder, devKey, workerJobs, servingProcess };
-    const app = await makeApp(ctx, { extraInstallers: options.extraInstallers });
+    const app = await makeApp(ctx, { extraInstallers: options.extraInstallers, leanRoutes: options.leanRoutes });
     undo.push(() => app.close());
 
-    const server = http.createServer(app.app);
+    const server = http.createServer(app.handler);
     answerClientErrors(server);
     await new Promise<void>((resolve, reject) => {
       const failed = (err: unknown) => reject(listenError(err, config.host, config.port));

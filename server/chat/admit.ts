@@ -30,18 +30,34 @@ export interface Admission {
 
 const KEY = "chatAdmission";
 
+/**
+ * Admits one request: sets x-request-id, authenticates, checks that something
+ * can answer. On a refusal the error is sent and null returned. Shared by the
+ * Express route (admitChat) and the lean route (leanRoute.ts).
+ */
+export async function admit(ctx: AppContext, serving: boolean, authorization: string | undefined, res: express.Response): Promise<Admission | null> {
+  const startedAt = performance.now();
+  const createdAt = new Date();
+  const requestId = uuidv7(createdAt);
+  res.setHeader("x-request-id", requestId);
+
+  const auth = await authenticateChat(ctx, authorization);
+  if (!auth.ok) {
+    sendError(res, auth.error);
+    return null;
+  }
+  if (!serving) {
+    sendError(res, NO_UPSTREAM);
+    return null;
+  }
+  return { requestId, createdAt, startedAt, identity: auth.identity };
+}
+
 /** `serving`: an upstream is configured, or the echo model is on. */
 export function admitChat(ctx: AppContext, serving: boolean): express.RequestHandler {
   return async (req, res, next) => {
-    const startedAt = performance.now();
-    const createdAt = new Date();
-    const requestId = uuidv7(createdAt);
-    res.set("x-request-id", requestId);
-
-    const auth = await authenticateChat(ctx, req.get("authorization"));
-    if (!auth.ok) return sendError(res, auth.error);
-    if (!serving) return sendError(res, NO_UPSTREAM);
-    const admission: Admission = { requestId, createdAt, startedAt, identity: auth.identity };
+    const admission = await admit(ctx, serving, req.headers.authorization, res);
+    if (!admission) return;
     res.locals[KEY] = admission;
     next();
   };

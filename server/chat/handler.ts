@@ -10,7 +10,7 @@ import type express from "express";
 
 import type { AppContext } from "../context.js";
 import { jsonBody } from "../http/jsonBody.js";
-import { admissionOf, admitChat } from "./admit.js";
+import { type Admission, admissionOf, admitChat } from "./admit.js";
 import { ClientConnection } from "./connection.js";
 import { ECHO_PROVIDER, serveEcho } from "./echo.js";
 import { ApiError, sendError } from "../http/errors.js";
@@ -31,19 +31,20 @@ export interface HandlerDeps {
   upstream: UpstreamTarget | null;
 }
 
-/** The route's middlewares, in order: admission (authentication), the JSON body, the handler. */
-export function chatHandler(kind: ChatKind, ctx: AppContext, deps: HandlerDeps): express.RequestHandler[] {
+/** Serves one admitted request whose body was parsed (`body`: undefined when it was not JSON). */
+export type ChatServe = (admission: Admission, body: unknown, res: express.Response) => Promise<void>;
+
+/** What answers an admitted request: validation, the upstream or the echo model, its row. */
+export function chatServe(kind: ChatKind, ctx: AppContext, deps: HandlerDeps): ChatServe {
   const validate = kind === "chat" ? validateChat : validateResponses;
-  const serving = deps.upstream !== null || ctx.config.echoModel;
-  return [admitChat(ctx, serving), jsonBody(ctx.config), async (req, res) => {
-    const { requestId, createdAt, startedAt, identity } = admissionOf(res);
-    const valid = validate(req.body);
+  return async ({ requestId, createdAt, startedAt, identity }, body, res) => {
+    const valid = validate(body);
     if (!valid.ok) return sendError(res, valid.error);
     const request = valid.request;
     // Neither the database nor the spool can take rows now (they are held in
     // memory): refuse before serving, so no request is served without its row.
     if (!ctx.recorder.accepting()) {
-      res.set("retry-after", "5");
+      res.setHeader("retry-after", "5");
       return sendError(res, RECORDING_UNAVAILABLE);
     }
 
@@ -73,5 +74,14 @@ export function chatHandler(kind: ChatKind, ctx: AppContext, deps: HandlerDeps):
       }
     }
     entry.settle(outcome);
-  }];
+  };
+}
+
+/** Whether anything can answer: an upstream, or the echo model. */
+export const isServing = (ctx: AppContext, deps: HandlerDeps) => deps.upstream !== null || ctx.config.echoModel;
+
+/** The route's middlewares, in order: admission (authentication), the JSON body, the handler. */
+export function chatHandler(kind: ChatKind, ctx: AppContext, deps: HandlerDeps): express.RequestHandler[] {
+  const serve = chatServe(kind, ctx, deps);
+  return [admitChat(ctx, isServing(ctx, deps)), jsonBody(ctx.config), (req, res) => serve(admissionOf(res), req.body, res)];
 }

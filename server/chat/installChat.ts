@@ -5,22 +5,30 @@
  * 503 naming the settings). Every served request becomes exactly one ledger row.
  * Each POST route authenticates first, then parses its JSON body
  * (server/http/jsonBody.ts: BODY_LIMIT, nesting depth, malformed JSON), whose
- * errors come out of installErrorHandler in OpenAI's error shape.
+ * errors come out of installErrorHandler in OpenAI's error shape. The two POST
+ * routes are also served ahead of Express by the lean route (leanRoute.ts),
+ * for the requests whose headers say Express would answer the same.
  */
-import type { Installer } from "../context.js";
+import type { AppContext, Installer } from "../context.js";
 import { chatHandler, type HandlerDeps } from "./handler.js";
 import { modelsHandler } from "./models.js";
 import { upstreamTarget } from "./upstream.js";
 
-export const installChat: Installer = (app, ctx) => {
-  const { config } = ctx;
+/** What the chat routes answer with: the upstream, or (null) the echo model. Also used by the lean route (leanRoute.ts). */
+export function chatDeps({ config }: AppContext): HandlerDeps {
   const upstream = config.upstreamBaseUrl
     ? upstreamTarget(config.upstreamBaseUrl, config.upstreamApiKey, config.upstreamTimeoutMs, {
         maxBodyBytes: config.upstreamMaxBodyBytes,
         maxEventBytes: config.upstreamMaxEventBytes,
       })
     : null;
-  const deps: HandlerDeps = { upstream };
+  return { upstream };
+}
+
+export const installChat: Installer = (app, ctx) => {
+  const { config } = ctx;
+  const deps = chatDeps(ctx);
+  const { upstream } = deps;
 
   app.post("/v1/chat/completions", ...chatHandler("chat", ctx, deps));
   app.post("/v1/responses", ...chatHandler("responses", ctx, deps));

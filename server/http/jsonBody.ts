@@ -82,8 +82,12 @@ function textOf(buf: Buffer, encoding: string | null): Uint8Array | string {
   return decoder.decode(buf);
 }
 
+/** The 400 for a body nested deeper than `maxDepth`. */
+export const jsonTooDeepError = (maxDepth: number) =>
+  badRequest(`The request body is nested deeper than ${maxDepth} levels.`, null, "json_too_deep");
+
 export function jsonBody(config: Pick<Config, "bodyLimit">, maxDepth = MAX_JSON_DEPTH): express.RequestHandler {
-  const tooDeep = badRequest(`The request body is nested deeper than ${maxDepth} levels.`, null, "json_too_deep");
+  const tooDeep = jsonTooDeepError(maxDepth);
   const parse = express.json({
     limit: config.bodyLimit,
     type: "application/json",
