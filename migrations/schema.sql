@@ -1974,27 +1974,28 @@ AS $function$
 declare
   v_since timestamptz;
   v_pending bigint;
+  v_oldest timestamptz;
 begin
   if hours is null or hours < 1 or hours > 168 then
     raise exception 'hours must be between 1 and 168, got %', hours using errcode = '22023';
   end if;
   v_since := now() - make_interval(hours => hours);
-  select coalesce(sum(q.requests) filter (where q.attribution_status = 'pending'), 0) into v_pending
-    from app_public.attribution_counts_by_hour('-infinity') q;
+  select count(*), min(p.created_at) into v_pending, v_oldest
+    from app_public.chat_completion_requests p
+   where p.attribution_status = 'pending';
   return query
   select count(*),
          percentile_cont(0.5) within group (order by extract(epoch from l.attributed_at - l.created_at))::double precision,
          percentile_cont(0.99) within group (order by extract(epoch from l.attributed_at - l.created_at))::double precision,
          max(extract(epoch from l.attributed_at - l.created_at))::double precision,
          v_pending,
-         (select extract(epoch from now() - min(p.created_at))::double precision
-            from app_public.chat_completion_requests p where p.attribution_status = 'pending')
+         extract(epoch from now() - v_oldest)::double precision
     from app_public.attribution_retry_latencies l
    where l.created_at >= v_since;
 end;
 $function$;
 -- acl: keytrack_admin=X/keytrack_owner, keytrack_analyst=X/keytrack_owner, keytrack_owner=X/keytrack_owner
--- comment: How long attribution took for the rows that arrived in the last `hours` hours (1..168) and were resolved by the retry worker: how many, p50, p99 and max seconds from arrival to attribution (from attribution_retry_latencies); and the rows still pending (from the rollups), with how long the oldest has waited.
+-- comment: How long attribution took for the rows that arrived in the last `hours` hours (1..168) and were resolved by the retry worker: how many, p50, p99 and max seconds from arrival to attribution (from attribution_retry_latencies); and the rows still pending (counted from the pending rows themselves, in the same scan as the oldest), with how long the oldest has waited.
 
 CREATE OR REPLACE FUNCTION app_public.attribution_offenders(hours integer DEFAULT 24, max_rows integer DEFAULT 20)
  RETURNS SETOF app_public.attribution_offender
