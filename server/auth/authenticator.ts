@@ -11,11 +11,13 @@
  * - `dev_local_` keys outside development            -> refused without a lookup (401)
  * - the lookup failed and no last known answer may stand in -> unavailable (503)
  */
+import { timingSafeEqual } from "node:crypto";
+
 import type { AppEnv } from "../config.js";
 import type { Logger } from "../log.js";
 import { parseBearer } from "./bearer.js";
 import type { KeyLookup } from "./keyLookup.js";
-import { safeEqual, sha256, tokenForLog } from "./secrets.js";
+import { sha256, tokenForLog } from "./secrets.js";
 
 export type Principal =
   | { kind: "admin_token" }
@@ -61,6 +63,8 @@ const KNOWN_REASONS = new Set<RefusalReason>(["not_found", "revoked", "expired"]
 
 export function createAuthenticator({ appEnv, adminApiKey, keys, log }: AuthenticatorOptions): Authenticator {
   let stale = 0;
+  // The admin token's digest, once: a presented token is hashed once, for this compare and the key lookup.
+  const adminDigest = adminApiKey !== null ? sha256(adminApiKey) : null;
   return {
     keys,
     staleServed: () => stale,
@@ -70,13 +74,14 @@ export function createAuthenticator({ appEnv, adminApiKey, keys, log }: Authenti
       if (bearer.kind === "malformed") return { ok: false, status: 401, reason: "malformed_authorization_header" };
       const { token } = bearer;
 
-      if (adminApiKey !== null && safeEqual(token, adminApiKey)) return { ok: true, principal: { kind: "admin_token" } };
+      const apiKeyHash = sha256(token);
+      // Digests compared in constant time (safeEqual's rule), so the token's content and length do not leak.
+      if (adminDigest !== null && timingSafeEqual(apiKeyHash, adminDigest)) return { ok: true, principal: { kind: "admin_token" } };
       // The spec's development keys are refused outright outside development mode.
       if (appEnv !== "development" && token.startsWith("dev_local_")) {
         return { ok: false, status: 401, reason: "dev_key_outside_development" };
       }
 
-      const apiKeyHash = sha256(token);
       let answer;
       try {
         answer = await keys.lookup(apiKeyHash);

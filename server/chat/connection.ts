@@ -15,18 +15,45 @@ export class ClientGone extends Error {
 }
 
 export class ClientConnection {
-  private readonly controller = new AbortController();
-  /** Aborted when the client disconnects before the response is complete. */
-  readonly signal = this.controller.signal;
+  /** Made when first asked for (streams): most answers are one write and need none. */
+  private controller: AbortController | null = null;
+  private goneReason: ClientGone | null = null;
+  private listeners: Array<(why: ClientGone) => void> = [];
 
   constructor(private readonly res: express.Response) {
     res.once("close", () => {
-      if (!res.writableFinished) this.controller.abort(new ClientGone());
+      if (res.writableFinished) return;
+      const why = new ClientGone();
+      this.goneReason = why;
+      this.controller?.abort(why);
+      for (const listener of this.listeners.splice(0)) listener(why);
     });
   }
 
+  /** Aborted when the client disconnects before the response is complete. */
+  get signal(): AbortSignal {
+    if (!this.controller) {
+      this.controller = new AbortController();
+      if (this.goneReason) this.controller.abort(this.goneReason);
+    }
+    return this.controller.signal;
+  }
+
   get gone(): boolean {
-    return this.signal.aborted;
+    return this.goneReason !== null;
+  }
+
+  /** Calls `listener` once when the client disconnects before the response is complete; returns its removal. */
+  onGone(listener: (why: ClientGone) => void): () => void {
+    if (this.goneReason) {
+      listener(this.goneReason);
+      return () => {};
+    }
+    this.listeners.push(listener);
+    return () => {
+      const i = this.listeners.indexOf(listener);
+      if (i >= 0) this.listeners.splice(i, 1);
+    };
   }
 
   /** Starts a server-sent events response and sends its headers now. */

@@ -103,6 +103,7 @@ export async function readBounded(response: { headers: UpstreamAnswer["headers"]
     await body.cancel().catch(() => {});
     throw new UpstreamTooLarge(maxBytes);
   }
+  if ("readAll" in body && body.readAll) return body.readAll(maxBytes, onRead, () => new UpstreamTooLarge(maxBytes));
   const parts: Uint8Array[] = [];
   let size = 0;
   const reader: ReturnType<UpstreamBody["getReader"]> = body.getReader();
@@ -124,7 +125,12 @@ export async function readBounded(response: { headers: UpstreamAnswer["headers"]
 /** Aborts after `ms` without a touch(); paused while the gateway waits on the client, not the upstream. */
 class IdleTimer {
   timedOut = false;
+  /** One timer, re-armed by refresh() on each touch (cheaper than a new one). */
   private timer: NodeJS.Timeout | null = null;
+  private readonly fire = () => {
+    this.timedOut = true;
+    this.onTimeout();
+  };
   constructor(
     private readonly ms: number,
     private readonly onTimeout: () => void,
@@ -132,11 +138,8 @@ class IdleTimer {
     this.touch();
   }
   touch(): void {
-    this.pause();
-    this.timer = setTimeout(() => {
-      this.timedOut = true;
-      this.onTimeout();
-    }, this.ms);
+    if (this.timer) this.timer.refresh();
+    else this.timer = setTimeout(this.fire, this.ms);
   }
   pause(): void {
     if (this.timer) clearTimeout(this.timer);
@@ -201,8 +204,7 @@ export async function forward(
 ): Promise<Outcome> {
   const controller = new AbortController();
   const timer = new IdleTimer(target.timeoutMs, () => controller.abort(new Error("upstream timeout")));
-  const onClientGone = () => controller.abort(conn.signal.reason);
-  conn.signal.addEventListener("abort", onClientGone, { once: true });
+  const offClientGone = conn.onGone((why) => controller.abort(why));
   const path = request.kind === "chat" ? "/chat/completions" : "/responses";
   const timeoutMessage = (when: string) => `upstream timed out ${when} (no data for ${target.timeoutMs} ms)`;
 
@@ -284,7 +286,7 @@ export async function forward(
     return completed(usageOf(request.kind, body));
   } finally {
     timer.stop();
-    conn.signal.removeEventListener("abort", onClientGone);
+    offClientGone();
   }
 }
 

@@ -36,6 +36,12 @@ export type ReadResult = { done: boolean; value?: Uint8Array };
 export interface UpstreamBody {
   getReader(): { read(): Promise<ReadResult>; cancel(): Promise<void> };
   cancel(): Promise<void>;
+  /**
+   * The whole body at once (instead of getReader(), never both), at most
+   * `maxBytes`: past that it stops reading, destroys the answer and rejects
+   * with tooLarge(). `onRead` is called on every chunk (the idle timer).
+   */
+  readAll?(maxBytes: number, onRead: () => void, tooLarge: () => Error): Promise<Buffer>;
 }
 
 /** Idle keep-alive connections are closed after this long (below the usual 5 s of servers). */
@@ -69,6 +75,42 @@ function bodyOf(res: http.IncomingMessage): UpstreamBody {
   let iterator: AsyncIterator<Buffer> | null = null;
   return {
     cancel,
+    // Events rather than the async iterator: a whole JSON answer is the common case, and the
+    // iterator costs a promise, a result object and stream bookkeeping per chunk.
+    readAll(maxBytes, onRead, tooLarge) {
+      return new Promise<Buffer>((resolve, reject) => {
+        const parts: Buffer[] = [];
+        let size = 0;
+        const done = (err: Error | null) => {
+          res.off("data", onData);
+          res.off("end", onEnd);
+          res.off("error", done);
+          res.off("close", onClose);
+          if (err) reject(err);
+          else resolve(parts.length === 1 ? parts[0]! : Buffer.concat(parts, size));
+        };
+        const onData = (chunk: Buffer) => {
+          onRead();
+          size += chunk.length;
+          if (size > maxBytes) {
+            parts.length = 0;
+            res.destroy();
+            done(tooLarge());
+            return;
+          }
+          parts.push(chunk);
+        };
+        const onEnd = () => done(null);
+        // As the async iterator reports an answer that ended without its end (and without an error).
+        const onClose = () => done(Object.assign(new Error("Premature close"), { code: "ERR_STREAM_PREMATURE_CLOSE" }));
+        if (res.errored) return done(res.errored);
+        if (res.destroyed) return onClose();
+        res.on("data", onData);
+        res.on("end", onEnd);
+        res.on("error", done);
+        res.on("close", onClose);
+      });
+    },
     getReader() {
       iterator ??= res[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
       const it = iterator;
@@ -112,11 +154,26 @@ function targetOf(url: string): Target {
   return target;
 }
 
+/** What Node's own `signal` option destroys a request with (its AbortError). */
+function abortError(reason: unknown): Error {
+  return Object.assign(new Error("The operation was aborted", { cause: reason }), { name: "AbortError", code: "ABORT_ERR" });
+}
+
 function callOnce(target: Target, call: UpstreamCall): Promise<{ answer: UpstreamAnswer } | { staleSocket: Error }> {
   return new Promise((resolve, reject) => {
+    const { signal } = call;
+    if (signal.aborted) {
+      reject(abortError(signal.reason));
+      return;
+    }
     const headers: Record<string, string> = { ...call.headers };
     if (call.body !== undefined) headers["content-length"] = String(Buffer.byteLength(call.body));
-    const req = (target.secure ? https : http).request({ ...target.options, method: call.method, headers, signal: call.signal });
+    // The abort is wired by hand rather than with request()'s `signal` option, which also
+    // watches the request with finished() on every call: the same effect, less work.
+    const req = (target.secure ? https : http).request({ ...target.options, method: call.method, headers });
+    const onAbort = () => req.destroy(abortError(signal.reason));
+    signal.addEventListener("abort", onAbort, { once: true });
+    req.once("close", () => signal.removeEventListener("abort", onAbort));
     let answered = false;
     req.once("response", (res) => {
       answered = true;
@@ -131,7 +188,7 @@ function callOnce(target: Target, call: UpstreamCall): Promise<{ answer: Upstrea
     });
     req.on("error", (err: NodeJS.ErrnoException) => {
       if (answered) return; // reported to the body's reader
-      if (req.reusedSocket && err.code === "ECONNRESET" && !call.signal.aborted) resolve({ staleSocket: err });
+      if (req.reusedSocket && err.code === "ECONNRESET" && !signal.aborted) resolve({ staleSocket: err });
       else reject(err);
     });
     req.end(call.body);
