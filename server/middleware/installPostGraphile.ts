@@ -23,6 +23,7 @@ import pg from "pg";
 
 import type { AppContext } from "../context.js";
 import { parsePgUrl, userNameOf, withUser } from "../db/urls.js";
+import { makeCitusSettingsPlugin, propagatesSetLocal } from "../graphql/citusSettings.js";
 import { makeReadReplicaPlugin, type ReadReplicaGraphQL } from "../graphql/readReplica.js";
 import { makeLimitsPlugin } from "../graphql/limits.js";
 import { makePageSizePlugin } from "../graphql/pageSize.js";
@@ -138,7 +139,11 @@ export async function installPostGraphile(app: express.Express, ctx: AppContext)
     replica?.release();
     await replicaPool?.end();
   };
-  const pgl = postgraphile(makePreset(ctx, pgService, replica ? [replica.plugin] : []));
+  // On a Citus cluster the shards' row-level security needs keytrack.user_id as SET LOCAL (graphql/citusSettings.ts).
+  // Listed first: its middleware runs last, so it also wraps the replica's client.
+  const citus = await propagatesSetLocal((sql) => ctx.pools.owner.query(sql));
+  const plugins = [...(citus ? [makeCitusSettingsPlugin(pgService.withPgClientKey)] : []), ...(replica ? [replica.plugin] : [])];
+  const pgl = postgraphile(makePreset(ctx, pgService, plugins));
   try {
     // Build the schema now: a database that cannot be introspected fails the start, not the first request.
     await pgl.getSchema();
