@@ -1,11 +1,11 @@
 // `npm run db:distribute`: turns a migrated single-node keytrack database on a
 // Citus coordinator into a distributed one. Idempotent: run it again after
 // every migration (it re-applies the Citus variants a migration may have
-// replaced) and after adding nodes (nothing to do then: Citus copies reference
-// tables and distributed objects to a new node; rebalance shards with
-// citus_rebalance_start()).
+// replaced, or says which original it no longer recognises) and after
+// citus_add_node (the new worker gets the request roles as NOLOGIN); move
+// shards to a new worker with citus_rebalance_start().
 //
-// The design, and why (docs/scaling.md, "Citus"):
+// The design, and why (docs/scaling.md, "Citus: what the drill proved"):
 //
 // - app_public.chat_completion_requests is distributed by request_id (hash),
 //   the one column that is never NULL (user and key are NULL on anonymous and
@@ -24,16 +24,20 @@
 //   leaves them out: scheduling the retry worker (graphile_worker lives on
 //   the coordinator; pending rows are found by the minute sweep and by
 //   import_api_key's wake on the coordinator) and marking late rows' hours
-//   for the rollups (ignored by the rollups since settling by id anyway).
-// - The rollups are off: their id fence and "one statement, one snapshot"
-//   settlement do not hold across nodes (Citus has no distributed snapshot),
-//   so the refresh is a no-op, the rollup state stays "nothing settled" and
-//   every report reads raw rows, aggregated in parallel on the shards (exact,
-//   cost grows with the window). The statement triggers that fed the
-//   rollups are dropped.
-// - The retry worker's Citus variant takes its rows without FOR UPDATE SKIP
-//   LOCKED (not supported across shards): one batch at a time under an
-//   advisory lock, each update re-checking that the row is still pending.
+//   for the rollups.
+// - The rollups are off: the statement triggers that record changes would
+//   write coordinator tables from the shards, and the refresh's "one
+//   statement, one snapshot" does not hold across nodes (Citus has no
+//   distributed snapshot), so the refresh is a no-op, the rollup state stays
+//   "nothing settled" and every report reads raw rows, aggregated on the
+//   shards (exact; the cost grows with the window).
+// - The retry worker and the backfill batch take their rows without FOR
+//   UPDATE (not supported across shards): the retry one batch at a time under
+//   an advisory lock, both updating a row only while it still needs it.
+// - Row-level security runs in the shards' policies as the request's role:
+//   keytrack_user and keytrack_admin may log in on the workers, and
+//   keytrack.user_id reaches them as SET LOCAL (citus.propagate_set_commands,
+//   and server/graphql/citusSettings.ts).
 //
 // Needs a superuser connection to keytrack's database (ROOT_DATABASE_URL's
 // credentials, DATABASE_URL's database): creating distributed tables and
@@ -60,6 +64,12 @@ export interface DistributeResult {
 
 /** Functions that change the ledger's partitions. */
 const SEQUENTIAL_FUNCTIONS = ["app_private.create_partitions(integer)", "app_private.drop_expired_partitions(interval, timestamp with time zone)"];
+
+/** md5 of pg_get_functiondef() of the single-node functions replaced whole (as of migration 000010). */
+const ORIGINALS: Record<string, string> = {
+  "app_private.resolve_pending_attributions": "a8ecf267142e3d03adb65473b7062733",
+  "app_private.refresh_attribution_rollups": "3db2e6f3e0665bbc5d430a89da65ad66",
+};
 
 /** Marks the Citus variants, so a re-run knows whether a migration replaced them. */
 const MARK = "[citus variant: scripts/citus/distribute.ts]";
@@ -395,10 +405,18 @@ export async function distribute(url: string, log: (line: string) => void = () =
     const backfillVariant = citusBackfillFunction(backfill.def);
     if (backfillVariant !== backfill.def) await step("Citus variant of app_private.run_attribution_backfill_batch()", backfillVariant);
     for (const [name, sql] of [["app_private.resolve_pending_attributions", RESOLVE_PENDING_SQL], ["app_private.refresh_attribution_rollups", REFRESH_ROLLUPS_SQL]] as const) {
-      const { def } = await one<{ def: string }>(client, `select string_agg(pg_get_functiondef(p.oid), '') as def from pg_proc p where p.oid = to_regproc($1)`, [name]);
-      // Always replaced (cheap, and this file may hold a newer variant); a change only when the variant was missing.
-      if (def?.includes(MARK)) await client.query(sql);
-      else await step(`Citus variant of ${name}()`, sql);
+      const { def, md5 } = await one<{ def: string; md5: string }>(client,
+        "select pg_get_functiondef(to_regproc($1)) as def, md5(pg_get_functiondef(to_regproc($1))) as md5", [name]);
+      if (def.includes(MARK)) {
+        // Replaced again (cheap, and this file may hold a newer variant): not a change.
+        await client.query(sql);
+        continue;
+      }
+      // Whole replacements: only of the single-node version they were written from, so a migration's change is never lost silently.
+      if (md5 !== ORIGINALS[name]) {
+        throw new DistributeError(`${name}() is not the version db:distribute knows (a migration changed it, md5 ${md5}): update its Citus variant and ORIGINALS in scripts/citus/distribute.ts before distributing`);
+      }
+      await step(`Citus variant of ${name}()`, sql);
     }
     // DDL on the ledger (attaching and detaching partitions) after reading its shards in parallel: Citus wants one
     // connection per node in such a transaction when the table has foreign keys to reference tables.

@@ -13,7 +13,8 @@
 // SELECT, the quality and trend endpoints equal to raw counts, row-level
 // security for a user's key through GraphQL. Then it measures SQL ingestion
 // through the coordinator with 2 workers, drains and removes one worker (its
-// shards move to the other, no row lost) and measures again with 1.
+// shards move to the other, no row lost) and measures again with 1; the same
+// ingestion is measured first on the coordinator alone, before Citus, to compare.
 import { createHash, randomBytes, randomUUID } from "node:crypto";
 import { mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
@@ -114,12 +115,35 @@ export async function runCitusDrill(o: CitusDrillOptions): Promise<CitusDrillRes
     const ownerUrl = cluster.url(coordinator, "keytrack_owner", "keytrack");
     // keytrack as on one node first: roles, database, migrations on the coordinator.
     await prepareDatabase({ rootUrl, databaseUrl: ownerUrl });
+    // db:distribute refuses, saying why, a database without Citus and a worker.
+    const noCitus = await distribute(cluster.url(coordinator, "postgres", "keytrack")).then(() => "distributed", (e: Error) => e.message);
+    check(/create extension citus/.test(noCitus), `db:distribute refuses a database without the citus extension: "${noCitus.slice(0, 100)}..."`);
+    let baselineMs = 0;
+    if (o.ingestSeconds > 0) {
+      const baselineStarted = Date.now();
+      // The same SQL ingestion on one node first (the coordinator before Citus: plain PostgreSQL, same settings).
+      const single = new pg.Pool({ connectionString: ownerUrl, max: o.ingestClients + 1, application_name: "keytrack-drill" });
+      single.on("error", () => {});
+      try {
+        const [user] = await createUsers(single, 1, "baseline");
+        const [key] = await createKeys(single, [user!], 1, "baseline");
+        const base = await measureIngestion(single, o.ingestSeconds, o.ingestClients, o.ingestBatch, sha256(key!.secret));
+        figures.rowsPerSecond1Node = base.perSecond;
+        o.log(`ingestion on one node (before Citus): ${base.rows} rows in ${o.ingestSeconds} s: ${base.perSecond} rows/s`);
+        await single.query("truncate app_public.chat_completion_requests, app_private.request_ids");
+      } finally {
+        await single.end();
+      }
+      baselineMs = Date.now() - baselineStarted;
+    }
     await cluster.createDatabase();
+    const onWorker = await distribute(cluster.url(cluster.workers[0]!, "postgres", "keytrack")).then(() => "distributed", (e: Error) => e.message);
+    check(/not on a Citus coordinator/.test(onWorker), `db:distribute refuses a worker's database: "${onWorker.slice(0, 100)}..."`);
     const dist = await distribute(cluster.url(coordinator, "postgres", "keytrack"));
     const again = await distribute(cluster.url(coordinator, "postgres", "keytrack"));
     check(again.changed.length === 0, `db:distribute is idempotent (a second run changed ${again.changed.length === 0 ? "nothing" : again.changed.join("; ")})`);
     figures.shards = dist.shards;
-    figures.setupSeconds = Math.round((Date.now() - t0) / 100) / 10;
+    figures.setupSeconds = Math.round((Date.now() - t0 - baselineMs) / 100) / 10;
     o.log(`cluster up, keytrack migrated and distributed (${dist.shards} shards on ${dist.workers} workers) in ${figures.setupSeconds} s`);
 
     server = await startServer(loadConfig({
@@ -238,6 +262,19 @@ export async function runCitusDrill(o: CitusDrillOptions): Promise<CitusDrillRes
     const seen = gqlBody.data?.allChatCompletionRequests;
     check(!!seen && seen.totalCount === own && own > 0 && seen.nodes.every((n) => n.userId === userKey.userId),
       `RLS through GraphQL: a user's key sees exactly that user's ${own} rows (${seen ? `saw ${seen.totalCount}, ${seen.nodes.filter((n) => n.userId !== userKey.userId).length} of others` : JSON.stringify(gqlBody.errors)})`);
+
+    // Backfill (its Citus variant): legacy rows naming a user but no key get the user's only key.
+    const [legacyUser] = await createUsers(pool, 1, "citus-legacy");
+    const [legacyKey] = await createKeys(pool, [legacyUser!], 1, "citus-legacy");
+    const legacyIds = Array.from({ length: 20 }, () => `legacy-${randomUUID()}`);
+    await pool.query(`insert into app_public.chat_completion_requests (request_id, user_id)
+                      select r, $2::uuid from unnest($1::text[]) r`, [legacyIds, legacyUser]);
+    const run = (await pool.query("select id from app_public.start_attribution_backfill(1000)")).rows[0].id;
+    const backfilled = await waitUntil("the backfill to finish", o.waitSeconds, async () =>
+      (await pool!.query("select status from app_public.attribution_backfills where id = $1", [run])).rows[0].status === "finished");
+    const filled = Number((await pool.query(`select count(*) from app_public.chat_completion_requests
+                                              where request_id = any($1) and api_key_id = $2 and attribution_method = 'backfill'`, [legacyIds, legacyKey!.id])).rows[0].count);
+    check(backfilled && filled === legacyIds.length, `the backfill (run by the worker) gave ${filled} of ${legacyIds.length} keyless rows their user's only key`);
 
     // Throughput: SQL ingestion through the coordinator, 2 workers, then 1.
     if (o.ingestSeconds > 0) {

@@ -15,7 +15,8 @@
 // equal to the spec's SELECT, the quality and trend endpoints equal to raw
 // counts, row-level security for a user's key through GraphQL; db:distribute
 // idempotent; no row lost when a worker is drained and removed. Prints SQL
-// ingestion through the coordinator with 2 workers and with 1 (rows/s): on
+// ingestion through the coordinator with 2 workers and with 1 (rows/s), and
+// the same ingestion on the coordinator alone before Citus: on
 // one small machine all three nodes share its cores, so read them as what the
 // coordinator's path costs, not as what more machines would add.
 //
@@ -70,6 +71,7 @@ runDrill("citus", (o.seconds + 2 * o["ingest-seconds"] + 2 * o["wait-seconds"]) 
   ]);
   if (o["ingest-seconds"] > 0) {
     printSection(`SQL ingestion through the coordinator (${o["ingest-clients"]} writers, ${o["ingest-batch"]}-row INSERTs, ${o["ingest-seconds"]} s each)`, [
+      ["1 node, no Citus, rows/s", f.rowsPerSecond1Node ?? "n/a"],
       ["2 workers, rows/s", f.rowsPerSecond2Workers ?? "n/a"],
       ["1 worker, rows/s", f.rowsPerSecond1Worker ?? "n/a"],
       ["drain worker2 (block_writes)", `${f.drainSeconds ?? "n/a"} s`],
