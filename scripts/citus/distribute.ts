@@ -84,8 +84,9 @@ async function isCitusTable(client: pg.Client, table: string): Promise<boolean> 
 
 /** Checks that this is a migrated keytrack database on a Citus coordinator with workers; throws DistributeError saying what is missing. */
 async function checkPreconditions(client: pg.Client): Promise<number> {
-  const db = await one<{ db: string; superuser: boolean }>(client, "select current_database() as db, (select rolsuper from pg_roles where rolname = current_user) as superuser");
-  if (!db.superuser) throw new DistributeError(`db:distribute needs a superuser connection (ROOT_DATABASE_URL's user): ${db.db} is reached as a non-superuser`);
+  const db = await one<{ db: string; user: string; superuser: boolean }>(client,
+    "select current_database() as db, current_user as user, (select rolsuper from pg_roles where rolname = current_user) as superuser");
+  if (!db.superuser) throw new DistributeError(`needs a superuser connection: set ROOT_DATABASE_URL to a superuser on the coordinator (${db.db} is reached as ${db.user}, not a superuser)`);
   const available = await one<{ installed: string | null; available: string | null }>(client,
     "select (select extversion from pg_extension where extname = 'citus') as installed, (select default_version from pg_available_extensions where name = 'citus') as available");
   if (!available.installed) {
@@ -347,10 +348,49 @@ export async function distribute(url: string, log: (line: string) => void = () =
                        where d.datname = current_database() and s.setrole = 0
                          and 'citus.propagate_set_commands=local' = any(s.setconfig)) as on`);
     if (!propagate.on) await step(`alter database ${db} set citus.propagate_set_commands = 'local'`, `alter database ${pg.escapeIdentifier(db)} set citus.propagate_set_commands = 'local'`);
+    // The Citus variants of four functions, first: the shards' triggers must never run the single-node body (it
+    // schedules the retry worker through graphile_worker, which the workers lack). On the coordinator they behave as
+    // before until the tables are distributed. CREATE OR REPLACE of a distributed function reaches every node.
+    const trigger = await one<{ def: string }>(client, "select pg_get_functiondef('app_private.tg_chat_completion_requests__attribute()'::regprocedure) as def");
+    const variant = citusTriggerFunction(trigger.def);
+    if (variant !== trigger.def) await step("Citus variant of app_private.tg_chat_completion_requests__attribute()", variant);
+    const backfill = await one<{ def: string }>(client, "select pg_get_functiondef('app_private.run_attribution_backfill_batch(bigint)'::regprocedure) as def");
+    const backfillVariant = citusBackfillFunction(backfill.def);
+    if (backfillVariant !== backfill.def) await step("Citus variant of app_private.run_attribution_backfill_batch()", backfillVariant);
+    for (const [name, sql] of [["app_private.resolve_pending_attributions", RESOLVE_PENDING_SQL], ["app_private.refresh_attribution_rollups", REFRESH_ROLLUPS_SQL]] as const) {
+      const { def, md5 } = await one<{ def: string; md5: string }>(client,
+        "select pg_get_functiondef(to_regproc($1)) as def, md5(pg_get_functiondef(to_regproc($1))) as md5", [name]);
+      if (def.includes(MARK)) {
+        // Replaced again (cheap, and this file may hold a newer variant): not a change.
+        await client.query(sql);
+        continue;
+      }
+      // Whole replacements: only of the single-node version they were written from, so a migration's change is never lost silently.
+      if (md5 !== ORIGINALS[name]) {
+        throw new DistributeError(`${name}() is not the version db:distribute knows (a migration changed it, md5 ${md5}): update its Citus variant and ORIGINALS in scripts/citus/distribute.ts before distributing`);
+      }
+      await step(`Citus variant of ${name}()`, sql);
+    }
+    // The ledger's trigger functions on every node now: inside the transaction below Citus would not create them there.
+    for (const fn of ["app_private.tg_chat_completion_requests__attribute()", "app_private.tg_chat_completion_requests__keep_initial_attribution()"]) {
+      const distributed = await one<{ ok: boolean }>(client,
+        "select exists (select 1 from pg_dist_object where classid = 'pg_proc'::regclass and objid = $1::regprocedure) as ok", [fn]);
+      if (!distributed.ok) await step(`${fn} on every node`, "select create_distributed_function($1)", [fn]);
+    }
     // Foreign keys among the reference tables and from the ledger: dropped while the tables change kind, then added back.
+    // All of it in one transaction that first locks the tables against writes (reads go on): a row written between
+    // dropping the ledger's triggers and creating them on the shards would skip its attribution and its request-id
+    // claim. Writers wait for the copy (the service's rows wait in memory or its spool); a failure changes nothing.
     const ledgerDistributed = await isCitusTable(client, LEDGER);
     let referencesDone = true;
     for (const t of REFERENCE_TABLES) referencesDone &&= await isCitusTable(client, t);
+    const converting = !(ledgerDistributed && referencesDone);
+    if (converting) {
+      await client.query("begin");
+      // One connection per node for the whole transaction: it adds foreign keys to reference tables after copying.
+      await client.query("set local citus.multi_shard_modify_mode to 'sequential'");
+      await client.query(`lock table ${[LEDGER, REQUEST_IDS, ...REFERENCE_TABLES].join(", ")} in exclusive mode`);
+    }
     const fks = ledgerDistributed && referencesDone ? [] : (await client.query<{ tbl: string; name: string; def: string }>(
       `select c.conrelid::regclass::text as tbl, c.conname as name, pg_get_constraintdef(c.oid) as def
          from pg_constraint c
@@ -391,33 +431,13 @@ export async function distribute(url: string, log: (line: string) => void = () =
       }
     }
     for (const fk of fks) await step(`foreign key ${fk.name} on ${fk.tbl}`, `alter table ${fk.tbl} add constraint ${pg.escapeIdentifier(fk.name)} ${fk.def}`);
+    if (converting) await client.query("commit");
 
     // A migration run after distribution may have put the rollup triggers back: they would write coordinator tables from the shards.
     const extra = (await client.query<{ name: string }>(
       "select tgname as name from pg_trigger where tgrelid = $1::regclass and not tgisinternal and tgname <> all($2)", [LEDGER, SHARD_TRIGGERS])).rows;
     for (const t of extra) await step(`drop trigger ${t.name} on ${LEDGER} (rollup bookkeeping: off on Citus)`, `drop trigger ${pg.escapeIdentifier(t.name)} on ${LEDGER}`);
 
-    // The Citus variants of three functions (CREATE OR REPLACE on a distributed function reaches every node).
-    const trigger = await one<{ def: string }>(client, "select pg_get_functiondef('app_private.tg_chat_completion_requests__attribute()'::regprocedure) as def");
-    const variant = citusTriggerFunction(trigger.def);
-    if (variant !== trigger.def) await step("Citus variant of app_private.tg_chat_completion_requests__attribute()", variant);
-    const backfill = await one<{ def: string }>(client, "select pg_get_functiondef('app_private.run_attribution_backfill_batch(bigint)'::regprocedure) as def");
-    const backfillVariant = citusBackfillFunction(backfill.def);
-    if (backfillVariant !== backfill.def) await step("Citus variant of app_private.run_attribution_backfill_batch()", backfillVariant);
-    for (const [name, sql] of [["app_private.resolve_pending_attributions", RESOLVE_PENDING_SQL], ["app_private.refresh_attribution_rollups", REFRESH_ROLLUPS_SQL]] as const) {
-      const { def, md5 } = await one<{ def: string; md5: string }>(client,
-        "select pg_get_functiondef(to_regproc($1)) as def, md5(pg_get_functiondef(to_regproc($1))) as md5", [name]);
-      if (def.includes(MARK)) {
-        // Replaced again (cheap, and this file may hold a newer variant): not a change.
-        await client.query(sql);
-        continue;
-      }
-      // Whole replacements: only of the single-node version they were written from, so a migration's change is never lost silently.
-      if (md5 !== ORIGINALS[name]) {
-        throw new DistributeError(`${name}() is not the version db:distribute knows (a migration changed it, md5 ${md5}): update its Citus variant and ORIGINALS in scripts/citus/distribute.ts before distributing`);
-      }
-      await step(`Citus variant of ${name}()`, sql);
-    }
     // DDL on the ledger (attaching and detaching partitions) after reading its shards in parallel: Citus wants one
     // connection per node in such a transaction when the table has foreign keys to reference tables.
     for (const fn of SEQUENTIAL_FUNCTIONS) {
@@ -496,7 +516,8 @@ async function main(): Promise<number> {
       return 1;
     }
     const e = err as { message: string; code?: string };
-    console.error(`db:distribute: failed: ${e.message}${e.code ? ` (SQLSTATE ${e.code})` : ""}`);
+    const sqlstate = e.code && /^[0-9A-Z]{5}$/.test(e.code) ? ` (SQLSTATE ${e.code})` : "";
+    console.error(`db:distribute: failed: ${e.message}${sqlstate}`);
     return 1;
   }
 }

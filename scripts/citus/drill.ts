@@ -119,22 +119,28 @@ export async function runCitusDrill(o: CitusDrillOptions): Promise<CitusDrillRes
     const noCitus = await distribute(cluster.url(coordinator, "postgres", "keytrack")).then(() => "distributed", (e: Error) => e.message);
     check(/create extension citus/.test(noCitus), `db:distribute refuses a database without the citus extension: "${noCitus.slice(0, 100)}..."`);
     let baselineMs = 0;
-    if (o.ingestSeconds > 0) {
-      const baselineStarted = Date.now();
-      // The same SQL ingestion on one node first (the coordinator before Citus: plain PostgreSQL, same settings).
-      const single = new pg.Pool({ connectionString: ownerUrl, max: o.ingestClients + 1, application_name: "keytrack-drill" });
-      single.on("error", () => {});
-      try {
+    // Rows recorded on the single node before distribution: db:distribute must carry them over, attributed as they were.
+    const before: Array<{ id: string; expected: Expected }> = [];
+    const single = new pg.Pool({ connectionString: ownerUrl, max: o.ingestClients + 1, application_name: "keytrack-drill" });
+    single.on("error", () => {});
+    try {
+      if (o.ingestSeconds > 0) {
+        const baselineStarted = Date.now();
+        // The same SQL ingestion on one node first (the coordinator before Citus: plain PostgreSQL, same settings).
         const [user] = await createUsers(single, 1, "baseline");
         const [key] = await createKeys(single, [user!], 1, "baseline");
         const base = await measureIngestion(single, o.ingestSeconds, o.ingestClients, o.ingestBatch, sha256(key!.secret));
         figures.rowsPerSecond1Node = base.perSecond;
         o.log(`ingestion on one node (before Citus): ${base.rows} rows in ${o.ingestSeconds} s: ${base.perSecond} rows/s`);
         await single.query("truncate app_public.chat_completion_requests, app_private.request_ids");
-      } finally {
-        await single.end();
+        baselineMs = Date.now() - baselineStarted;
       }
-      baselineMs = Date.now() - baselineStarted;
+      const [user] = await createUsers(single, 1, "before");
+      const [key] = await createKeys(single, [user!], 1, "before");
+      for (let i = 0; i < 20; i++) before.push({ id: `before-${randomUUID()}`, expected: i % 2 ? { apiKeyId: key!.id } : { anonymous: true } });
+      await insertRows(single, before.map((b) => b.id), before.map((b) => ("apiKeyId" in b.expected ? sha256(key!.secret) : null)));
+    } finally {
+      await single.end();
     }
     await cluster.createDatabase();
     const onWorker = await distribute(cluster.url(cluster.workers[0]!, "postgres", "keytrack")).then(() => "distributed", (e: Error) => e.message);
@@ -212,6 +218,7 @@ export async function runCitusDrill(o: CitusDrillOptions): Promise<CitusDrillRes
       }
     }
     for (const r of lateRows) served.set(r.id, { apiKeyId: late[r.key]!.id });
+    for (const b of before) served.set(b.id, b.expected);
     figures.httpRequests = traffic.answers.length;
     figures.httpServed = traffic.answers.filter((a) => a.status === 200).length;
     figures.sqlRows = lateRows.length;
@@ -221,6 +228,7 @@ export async function runCitusDrill(o: CitusDrillOptions): Promise<CitusDrillRes
       Number((await pool!.query("select count(*) from app_public.chat_completion_requests where request_id = any($1)", [httpIds])).rows[0].count) >= httpIds.length);
     const ledger = checkLedger(await readLedger(pool), served);
     figures.ledgerRows = ledger.rows;
+    check(before.every((b) => !ledger.lostIds.includes(b.id)) && ledger.lost === 0, `the ${before.length} rows recorded on the single node before db:distribute are all there`);
     check(ledger.lost === 0, `no served request without its row (lost: ${ledger.lost}${ledger.lost ? `, e.g. ${ledger.lostIds.slice(0, 3).join(", ")}` : ""})`);
     check(ledger.duplicates === 0, `no duplicate request_id (re-delivered SQL batches included): ${ledger.duplicates}`);
     check(ledger.unknownRows === 0, `no row the drill did not send: ${ledger.unknownRows}`);
@@ -296,6 +304,33 @@ export async function runCitusDrill(o: CitusDrillOptions): Promise<CitusDrillRes
       o.log(`ingestion with 1 worker: ${one.rows} rows in ${o.ingestSeconds} s: ${one.perSecond} rows/s`);
       const total = Number((await pool.query("select count(*) from app_public.chat_completion_requests")).rows[0].count);
       check(total === before + one.rows, `every row ingested with 1 worker is in the ledger (${total} = ${before} + ${one.rows})`);
+      // What reading raw rows costs (no rollups on Citus): the reports and /metrics over the whole ledger now.
+      const timed = async (url: string) => {
+        const started = Date.now();
+        const res = await fetch(url, { headers: { authorization: `Bearer ${ADMIN}` } });
+        await res.arrayBuffer();
+        return { status: res.status, ms: Date.now() - started };
+      };
+      const reads: Array<Record<"quality" | "trend" | "metrics", { status: number; ms: number }>> = [];
+      for (let i = 0; i < 3; i++) {
+        reads.push({
+          quality: await timed(`${server.url}/admin/monitoring/api-key-tracking-quality?hours=24`),
+          trend: await timed(`${server.url}/admin/monitoring/api-key-tracking-trend?days=30`),
+          // (/metrics itself answers from a cached read: time the function behind it.)
+          metrics: await (async () => {
+            const started = Date.now();
+            await pool!.query("select * from app_private.attribution_metrics()");
+            return { status: 200, ms: Date.now() - started };
+          })(),
+        });
+      }
+      const best = (k: "quality" | "trend" | "metrics") => Math.min(...reads.map((r) => r[k].ms));
+      figures.readRows = total;
+      figures.qualityMs = best("quality");
+      figures.trendMs = best("trend");
+      figures.metricsMs = best("metrics");
+      check(reads.every((r) => r.quality.status === 200 && r.trend.status === 200 && r.metrics.status === 200),
+        `reports and the metrics function answer over ${total} raw rows (best of 3: quality ${figures.qualityMs} ms, trend ${figures.trendMs} ms, attribution_metrics() ${figures.metricsMs} ms)`);
     }
     return { failures, figures };
   } catch (err) {

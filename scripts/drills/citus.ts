@@ -76,6 +76,11 @@ runDrill("citus", (o.seconds + 2 * o["ingest-seconds"] + 2 * o["wait-seconds"]) 
       ["1 worker, rows/s", f.rowsPerSecond1Worker ?? "n/a"],
       ["drain worker2 (block_writes)", `${f.drainSeconds ?? "n/a"} s`],
     ]);
+    printSection(`raw reads afterwards (no rollups on Citus; ${f.readRows ?? "n/a"} rows, best of 3)`, [
+      ["quality, 24 hours", `${f.qualityMs ?? "n/a"} ms`],
+      ["trend, 30 days", `${f.trendMs ?? "n/a"} ms`],
+      ["attribution_metrics() (behind /metrics)", `${f.metricsMs ?? "n/a"} ms`],
+    ]);
   }
   const verdict = new Verdict();
   for (const failure of result.failures) verdict.check(false, failure);
