@@ -9,11 +9,15 @@
 //   - latency: an open-loop sender at a fixed --http-rate (500/s) for
 //     --http-rate-seconds, each request timed (performance.now()); keytrack's
 //     p50/p99 minus the upstream's (targets: <= 1 ms and <= 5 ms added).
-// Every non-2xx or socket error is counted and reported.
+// Every non-2xx or socket error is counted and reported. Beside them, the
+// figures a busy machine disturbs least: keytrack's own CPU time (user +
+// system, from /proc) per request of the throughput run, and the load average.
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import http from "node:http";
+import { readFileSync } from "node:fs";
 import { mkdir } from "node:fs/promises";
+import os from "node:os";
 import path from "node:path";
 
 import autocannon from "autocannon";
@@ -36,6 +40,19 @@ async function startUpstream(): Promise<{ proc: Proc; url: string }> {
     await sleep(25);
   }
   throw new Error(`the upstream did not start: ${proc.output}`);
+}
+
+/** CPU time (user + system, ms) a process has used so far, from /proc/<pid>/stat (Linux); null elsewhere. */
+function cpuMs(pid: number | undefined): number | null {
+  if (!pid) return null;
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    // After "(command)": state is field 3, utime and stime fields 14 and 15, in clock ticks (USER_HZ, 100).
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return null;
+  }
 }
 
 /**
@@ -139,9 +156,15 @@ export const http_: Benchmark = async (ctx) => {
     const warmup = await throughput(url, key!.secret, o.connections, { amount: o.connections * 10 });
     const amountFor = (perSecond: number) => Math.max(o.connections * 20, Math.min(1_000_000, Math.round(perSecond * o.seconds)));
     const direct = await throughput(upstream.url, null, o.connections, { amount: amountFor(directWarm.perSecond) });
+    const loadAverage = os.loadavg()[0]!;
+    const cpuBefore = cpuMs(service.child.pid);
     const through = await throughput(url, key!.secret, o.connections, { amount: amountFor(warmupProbe.perSecond) });
+    const cpuAfter = cpuMs(service.child.pid);
+    const answered = through.ok + through.non2xx;
+    const cpuPerRequestUs = cpuBefore !== null && cpuAfter !== null && answered > 0 ? ((cpuAfter - cpuBefore) * 1000) / answered : null;
     if (warmup.errors + through.errors > 0) say(`http: socket errors through keytrack; the service ${service.alive ? "is running" : `exited (${JSON.stringify(service.exit)})`}; its last lines:\n${service.tail(15)}`);
-    say(`http: ${through.perSecond.toFixed(0)} recorded requests/s through keytrack (${through.non2xx} non-2xx, ${through.errors} errors), ${direct.perSecond.toFixed(0)}/s direct`);
+    const cpuNote = `${cpuPerRequestUs === null ? "" : `keytrack CPU ${cpuPerRequestUs.toFixed(0)} us a request, `}load average ${loadAverage.toFixed(1)}`;
+    say(`http: ${through.perSecond.toFixed(0)} recorded requests/s through keytrack (${through.non2xx} non-2xx, ${through.errors} errors), ${direct.perSecond.toFixed(0)}/s direct; ${cpuNote}`);
 
     const directRate = await fixedRate(upstream.url, null, o.rate, o.rateSeconds);
     const throughRate = await fixedRate(url, key!.secret, o.rate, o.rateSeconds);
@@ -166,7 +189,7 @@ export const http_: Benchmark = async (ctx) => {
 
     const rows: ResultRow[] = [
       row("c. HTTP", `recorded requests/s, ${o.connections} connections (rows = 2xx: ${recorded === served && dup!.n === 0 ? "yes" : lost === 0 && unexplained === 0 && dup!.n === 0 ? `none lost, ${errors} errors` : "NO"})`, through.perSecond, "req/s",
-        { value: direct.perSecond, label: "upstream direct" }, { on: "figure", op: ">=", limit: 3000, text: ">= 3,000 req/s, 0 errors, 0 lost" }, ledgerNote),
+        { value: direct.perSecond, label: "upstream direct" }, { on: "figure", op: ">=", limit: 3000, text: ">= 3,000 req/s, 0 errors, 0 lost" }, `${ledgerNote}; ${cpuNote}`),
     ];
     rows[0]!.met = rows[0]!.met! && recorded === served && lost === 0 && dup!.n === 0 && errors === 0;
     for (const q of ["p50", "p99"] as const) {
@@ -179,7 +202,7 @@ export const http_: Benchmark = async (ctx) => {
     }
     return {
       rows,
-      details: { options: o, warmup, direct, through, directRate, throughRate, served, recorded, lost, duplicates: dup!.n, errors },
+      details: { options: o, warmup, direct, through, directRate, throughRate, served, recorded, lost, duplicates: dup!.n, errors, cpuPerRequestUs, loadAverage },
     };
   } finally {
     await service?.stop();
