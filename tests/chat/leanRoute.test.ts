@@ -13,6 +13,7 @@ import type { RunningServer } from "../../server/main.js";
 import { createKey, createTestDb, createUser, type TestDb } from "../helpers/db.js";
 import { rowOf } from "../helpers/chat.js";
 import { startFakeUpstream, type FakeUpstream } from "../helpers/fakeUpstream.js";
+import { waitFor } from "../helpers/poll.js";
 import { ADMIN_TOKEN, startTestServer } from "../helpers/server.js";
 
 const BODY_LIMIT = 4096;
@@ -213,4 +214,39 @@ test("parseJsonBody: body-parser's strict JSON", (t) => {
   t.is((err("null") as unknown as { code: string }).code, "invalid_json");
   t.is((err(deep(401)) as unknown as { code: string }).code, "json_too_deep");
   t.deepEqual(parseJsonBody(Buffer.from(deep(400))), JSON.parse(deep(400)));
+});
+
+test("a client that leaves half-way through its body: nothing recorded, timed as 499, the server keeps serving", async (t) => {
+  const own = (await createKey(db, await createUser(db, "lean-abort@example.com"))).secret;
+  const count499 = async () => {
+    const text = await (await fetch(`${lean.url}/metrics`)).text();
+    const m = /http_request_duration_seconds_count\{method="POST",route="\/v1\/chat\/completions",status_code="499"\} (\d+)/.exec(text);
+    return m ? Number(m[1]) : 0;
+  };
+  const before = await count499();
+  await new Promise<void>((resolve, reject) => {
+    const url = new URL(lean.url);
+    const req = http.request({
+      host: url.hostname, port: url.port, method: "POST", path: "/v1/chat/completions", agent: false,
+      headers: { "content-type": "application/json", "content-length": "1000", authorization: `Bearer ${own}` },
+    });
+    req.on("error", () => resolve());
+    req.on("response", () => reject(new Error("answered a request whose body never came")));
+    req.write(chatBody().slice(0, 20));
+    setTimeout(() => {
+      req.destroy();
+      resolve();
+    }, 300);
+  });
+  await waitFor("the 499 to be timed", async () => (await count499()) === before + 1);
+  const res = await send(lean, "POST", "/v1/chat/completions", json({ authorization: `Bearer ${own}` }), chatBody());
+  t.is(res.status, 200);
+  const rowsOfKey = async () =>
+    (await db.owner.query<{ n: number }>(
+      "select count(*)::int as n from app_public.chat_completion_requests r join app_public.api_keys k on k.id = r.api_key_id join app_public.users u on u.id = k.user_id where u.email = 'lean-abort@example.com'",
+    )).rows[0]!.n;
+  // The served request's row comes after its answer; the abandoned one never does.
+  await waitFor("the served request's row", async () => (await rowsOfKey()) >= 1);
+  await new Promise((r) => setTimeout(r, 300));
+  t.is(await rowsOfKey(), 1);
 });
