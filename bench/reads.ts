@@ -3,7 +3,7 @@
 // against the raw scan of the same figures from chat_completion_requests:
 //   - the spec's view app_public.api_key_tracking_quality (every row);
 //   - GET /admin/monitoring/api-key-tracking-quality?hours=168: the endpoint's
-//     own code (server/monitoring/reports.ts qualityReport, its three queries);
+//     own code (server/monitoring/reports.ts qualityReport: one statement);
 //   - GET /admin/monitoring/api-key-tracking-trend?days=30 (trendReport);
 //   - /metrics' database reads: the three queries one scrape runs
 //     (server/metrics: attribution_metrics, completeness_metrics, attribution_latency_metrics).

@@ -25,7 +25,7 @@ export const MONITORING_PATH = "/admin/monitoring";
 const HOURS: IntParam = { name: "hours", min: 1, max: 168, default: 24 };
 const DAYS: IntParam = { name: "days", min: 1, max: 30, default: 7 };
 
-function report(ctx: AppContext, param: IntParam, read: (db: pg.Pool, value: number) => Promise<unknown>): express.RequestHandler {
+function report(ctx: AppContext, param: IntParam, read: (db: pg.PoolClient, value: number) => Promise<unknown>): express.RequestHandler {
   return async (req, res) => {
     res.set("Cache-Control", "no-store");
     const query = req.query as Record<string, unknown>;
@@ -44,7 +44,7 @@ function report(ctx: AppContext, param: IntParam, read: (db: pg.Pool, value: num
     }
     try {
       // One client of the chosen node for the whole report (its queries share that node's view).
-      const { result, ...info } = await ctx.pools.reads.read((client) => read(client as unknown as pg.Pool, parsed.value));
+      const { result, ...info } = await ctx.pools.reads.read((client) => read(client, parsed.value));
       res.set(readInfoHeaders(info));
       res.status(200).json(result);
     } catch (err) {

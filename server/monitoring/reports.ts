@@ -6,6 +6,9 @@
  */
 import type pg from "pg";
 
+/** A pool or one of its clients: the reports run one statement each. */
+type Queryable = Pick<pg.Pool | pg.PoolClient, "query">;
+
 interface QualityRow {
   hours: number;
   start_time: string;
@@ -62,20 +65,18 @@ interface LatencyRow {
  * a row: app_public.completeness_by_hour) and `attribution_latency` (how long
  * the retry worker took: app_public.attribution_latency_report).
  */
-export async function qualityReport(pool: pg.Pool, hours: number) {
-  const [{ rows }, completeness, latency] = await Promise.all([
-    pool.query<{ r: QualityRow }>("select to_jsonb(q) as r from app_public.api_key_tracking_quality_report($1) q", [hours]),
-    pool.query<CompletenessRow>(
-      `select count(distinct process_id)::int as processes, coalesce(sum(accepted), 0)::bigint::int as accepted,
-              coalesce(sum(recorded), 0)::bigint::int as recorded, coalesce(sum(missing), 0)::bigint::int as missing
-         from app_public.completeness_by_hour($1)`,
-      [hours],
-    ),
-    pool.query<LatencyRow>("select * from app_public.attribution_latency_report($1)", [hours]),
-  ]);
-  const r = rows[0]!.r;
-  const c = completeness.rows[0]!;
-  const l = latency.rows[0]!;
+export async function qualityReport(db: Queryable, hours: number) {
+  // One statement: one round trip, and its three parts read one snapshot (a
+  // pool client given by the read router runs one query at a time anyway).
+  const { rows: [{ r, c, l }] } = await db.query<{ r: QualityRow; c: CompletenessRow; l: LatencyRow }>(
+    `select to_jsonb(q) as r, cx.c, ly.l from app_public.api_key_tracking_quality_report($1) q,
+       lateral (select to_jsonb(x) as c from (
+                  select count(distinct process_id)::int as processes, coalesce(sum(accepted), 0)::bigint::int as accepted,
+                         coalesce(sum(recorded), 0)::bigint::int as recorded, coalesce(sum(missing), 0)::bigint::int as missing
+                    from app_public.completeness_by_hour($1)) x) cx,
+       lateral (select to_jsonb(y) as l from app_public.attribution_latency_report($1) y) ly`,
+    [hours],
+  );
   return {
     total_requests: r.total_requests,
     requests_with_api_key: r.requests_with_api_key,
@@ -112,8 +113,8 @@ export async function qualityReport(pool: pg.Pool, hours: number) {
   };
 }
 
-export async function trendReport(pool: pg.Pool, days: number) {
-  const { rows } = await pool.query<{ r: TrendRow }>(
+export async function trendReport(db: Queryable, days: number) {
+  const { rows } = await db.query<{ r: TrendRow }>(
     "select to_jsonb(t) as r from app_public.api_key_tracking_trend($1) t",
     [days],
   );
