@@ -242,15 +242,28 @@ export class Proc {
 
   /**
    * SIGINT (the service stops everything it started), SIGKILL to the group after graceMs. To the
-   * whole group (Ctrl-C), or to the process alone when it forwards signals itself (npm: the
-   * service would otherwise get two, and exit at once on the second).
+   * whole group (Ctrl-C: npm, its shell and the service each get one), or to the process alone
+   * (then what it leaves running gets one after it exits). Returns when the group is gone.
    */
   async stop(graceMs = 20_000, group = true): Promise<void> {
     if (!this.alive) return;
+    const deadline = Date.now() + graceMs;
     try { process.kill(group ? -this.child.pid! : this.child.pid!, "SIGINT"); } catch { /* gone */ }
     const timer = setTimeout(() => { try { process.kill(-this.child.pid!, "SIGKILL"); } catch { /* gone */ } }, graceMs);
     await this.exited;
     clearTimeout(timer);
+    // npm 11 exits on SIGINT without waiting for its script (`sh -c node ...`), which goes on
+    // shutting down (or, signalled alone, keeps running), holding its port, data folder and spool:
+    // the caller's next start waits until the group is gone. Never a second SIGINT to a process
+    // that had one (the service exits at once on the second, leaving its PostgreSQL running).
+    const groupAlive = () => { try { process.kill(-this.child.pid!, 0); return true; } catch { return false; } };
+    if (!groupAlive()) return;
+    if (!group) try { process.kill(-this.child.pid!, "SIGINT"); } catch { /* gone */ }
+    while (groupAlive() && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    if (groupAlive()) {
+      try { process.kill(-this.child.pid!, "SIGKILL"); } catch { /* gone */ }
+      while (groupAlive()) await new Promise((r) => setTimeout(r, 50));
+    }
   }
 
   tail(lines = 20): string {

@@ -36,7 +36,7 @@ export const startup: Benchmark = async (ctx) => {
     try {
       return await untilHealthy(proc, `http://127.0.0.1:${port}`, 120_000, t);
     } finally {
-      await proc.stop(20_000, false);
+      await proc.stop(20_000, true); // Ctrl-C: SIGINT to npm, its shell and the service at once
       if (proc.exit?.code !== 0) say(`startup: the service stopped with code ${proc.exit?.code}: ${proc.tail(5)}`);
     }
   };
