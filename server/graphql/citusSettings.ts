@@ -10,6 +10,8 @@
  */
 import type { createWithPgClient } from "postgraphile/adaptors/pg";
 
+import { afterPrepareArgs } from "./afterPrepareArgs.js";
+
 type WithPgClient = ReturnType<typeof createWithPgClient>;
 
 /** The settings the shards' policies read (app_public.current_user_id()). */
@@ -47,18 +49,7 @@ export function makeCitusSettingsPlugin(withPgClientKey = "withPgClient"): Graph
     description: "Repeats keytrack.user_id as SET LOCAL so Citus forwards it to the shards' row-level security",
     grafast: {
       middleware: {
-        prepareArgs(next, event) {
-          const result = next();
-          const after = () => wrap((event.args as unknown as { contextValue?: Record<string, unknown> }).contextValue);
-          if (result && typeof (result as PromiseLike<unknown>).then === "function") {
-            return (result as PromiseLike<typeof result>).then((value) => {
-              after();
-              return value;
-            }) as typeof result;
-          }
-          after();
-          return result;
-        },
+        prepareArgs: afterPrepareArgs((args) => wrap((args as { contextValue?: Record<string, unknown> }).contextValue)),
       },
     },
   };

@@ -16,6 +16,7 @@ import type pg from "pg";
 
 import type { ReadRouter } from "../db/readRouter.js";
 import { isTransientError } from "../recording/retry.js";
+import { afterPrepareArgs } from "./afterPrepareArgs.js";
 
 type WithPgClient = ReturnType<typeof createWithPgClient>;
 
@@ -71,18 +72,7 @@ export function makeReadReplicaPlugin(router: ReadRouter, replicaAuthPool: pg.Po
     description: "Runs GraphQL query operations on the read replica while it is healthy",
     grafast: {
       middleware: {
-        prepareArgs(next, event) {
-          const result = next();
-          const after = () => route(event.args as unknown as Parameters<typeof route>[0]);
-          if (result && typeof (result as PromiseLike<unknown>).then === "function") {
-            return (result as PromiseLike<typeof result>).then((value) => {
-              after();
-              return value;
-            }) as typeof result;
-          }
-          after();
-          return result;
-        },
+        prepareArgs: afterPrepareArgs((args) => route(args as Parameters<typeof route>[0])),
       },
     },
   };
