@@ -13,6 +13,7 @@ import type { JobHelpers } from "graphile-worker";
 import { REFRESH_ROLLUPS, refreshRollups } from "../../server/worker/tasks/rollups.js";
 import { VIEW_QUERY } from "../helpers/specSql.js";
 import { asRole, createKey, createTestDb, createUser, makePool, settleRollups, withClient, type TestDb } from "../helpers/db.js";
+import { concurrentRun, transient } from "../helpers/concurrent.js";
 import { sleep } from "../helpers/poll.js";
 
 let db: TestDb;
@@ -191,7 +192,6 @@ async function insertRows(client: Queryable, rows: Row[]): Promise<void> {
 }
 
 /** Deadlocks and serialization failures between the mutators are expected; the loop goes on. */
-const transient = (err: unknown) => ["40P01", "40001"].includes((err as { code?: string }).code ?? "");
 
 test.serial("rollup-backed reads equal raw scans under concurrent inserts, late rows, retry, backfill, deletes and refreshes", async (t) => {
   const seed = Number(process.env.KEYTRACK_ROLLUP_SEED ?? Date.now() % 1_000_000);
@@ -212,16 +212,8 @@ test.serial("rollup-backed reads equal raw scans under concurrent inserts, late 
   const changesSql = "select coalesce(pg_sequence_last_value(pg_get_serial_sequence('app_public.attribution_rollup_changes', 'id')), 0) as m";
   const changesBefore = Number((await db.owner.query(changesSql)).rows[0].m);
 
-  // Everything keeps writing for 8 s and until the checker has compared at least 3 times while they
-  // wrote: a busy machine makes the comparisons slower, never the test's verdict different.
-  const deadline = Date.now() + 8000;
-  let comparisons = 0;
-  const errors: unknown[] = [];
-  const running = () => errors.length === 0 && (Date.now() < deadline || comparisons < 3);
-  const guard = (name: string, body: () => Promise<void>) =>
-    body().catch((err) => {
-      errors.push(new Error(`${name}: ${(err as Error).message}`));
-    });
+  // Everything keeps writing for 8 s and until the checker has compared at least 3 times while they wrote.
+  const { running, guard, checker, errors, problems, checks } = concurrentRun({ ms: 8000, minChecks: 3 });
 
   const writer = (name: string) =>
     guard(name, async () => {
@@ -292,23 +284,12 @@ test.serial("rollup-backed reads equal raw scans under concurrent inserts, late 
     }
   });
 
-  const problems: string[] = [];
-  const checker = guard("check", async () => {
-    const client = await pool.connect();
-    try {
-      while (running()) {
-        problems.push(...(await compareAll(client, ["UTC", "America/New_York", "Asia/Kolkata"])));
-        comparisons++;
-      }
-    } finally {
-      client.release();
-    }
-  });
+  const check = checker(pool, (client) => compareAll(client, ["UTC", "America/New_York", "Asia/Kolkata"]));
 
-  await Promise.all([writer("a"), writer("b"), retrier, importer, backfiller, deleter, refresher, checker]);
+  await Promise.all([writer("a"), writer("b"), retrier, importer, backfiller, deleter, refresher, check]);
   t.deepEqual(errors, []);
   t.deepEqual(problems, []);
-  t.true(comparisons >= 3, `${comparisons} comparisons`);
+  t.true(checks() >= 3, `${checks()} comparisons`);
 
   // The rollups were really in use, late rows and attribution changes really marked hours.
   const state = (await db.owner.query(`
@@ -326,7 +307,7 @@ test.serial("rollup-backed reads equal raw scans under concurrent inserts, late 
   // Once settled again, the same reads still equal the raw rows, as the analyst too.
   await settleRollups(db.owner);
   t.deepEqual(await compareNow(["UTC", "Australia/Adelaide"]), []);
-  t.log(`${comparisons} comparisons while writing; ${state.rollup_rows} rollup rows`);
+  t.log(`${checks()} comparisons while writing; ${state.rollup_rows} rollup rows`);
 });
 
 test.serial("the analyst and a user read the view through their own row-level security", async (t) => {

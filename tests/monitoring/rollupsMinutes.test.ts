@@ -8,6 +8,7 @@ import test from "ava";
 import pg from "pg";
 
 import { createKey, createTestDb, createUser, makePool, settleRollups, type TestDb } from "../helpers/db.js";
+import { concurrentRun, transient } from "../helpers/concurrent.js";
 import { sleep } from "../helpers/poll.js";
 
 let db: TestDb;
@@ -36,7 +37,6 @@ function prng(seed: number) {
 }
 
 const canon = (rows: unknown[]) => rows.map((r) => JSON.stringify(r)).sort();
-const transient = (err: unknown) => ["40P01", "40001"].includes((err as { code?: string }).code ?? "");
 const ZONES = ["UTC", "Asia/Kolkata", "Asia/Kathmandu", "America/St_Johns", "Europe/Paris"] as const;
 
 /** One window, as SQL expressions evaluated in the checker's snapshot. */
@@ -119,16 +119,8 @@ test.serial("reads over any window equal raw scans while rows arrive, change and
     select 'boundary-' || g, date_trunc('minute', now(), 'UTC') - make_interval(mins => g) from generate_series(0, 90) g`);
   await settleRollups(db.owner);
 
-  // Everything keeps writing for 8 s and until the checker has compared at least 3 times while they
-  // wrote: a busy machine makes the comparisons slower, never the test's verdict different.
-  const deadline = Date.now() + 8000;
-  let comparisons = 0;
-  const errors: string[] = [];
-  const running = () => errors.length === 0 && (Date.now() < deadline || comparisons < 3);
-  const guard = (name: string, body: () => Promise<void>) =>
-    body().catch((err) => {
-      errors.push(`${name}: ${(err as Error).message}`);
-    });
+  // Everything keeps writing for 8 s and until the checker has compared at least 3 times while they wrote.
+  const { running, guard, checker, errors, problems, checks } = concurrentRun({ ms: 8000, minChecks: 3 });
 
   const writer = (name: string) =>
     guard(name, async () => {
@@ -196,24 +188,12 @@ test.serial("reads over any window equal raw scans while rows arrive, change and
     }
   });
 
-  const problems: string[] = [];
-  const checker = guard("check", async () => {
-    const client = await pool.connect();
-    try {
-      while (running()) {
-        const windows = Array.from({ length: 4 }, () => randomWindow(rnd));
-        problems.push(...(await compareWindows(client, windows)));
-        comparisons++;
-      }
-    } finally {
-      client.release();
-    }
-  });
+  const check = checker(pool, (client) => compareWindows(client, Array.from({ length: 4 }, () => randomWindow(rnd))));
 
-  await Promise.all([writer("a"), writer("b"), updater, importer, deleter, invalidator, refresher, checker]);
+  await Promise.all([writer("a"), writer("b"), updater, importer, deleter, invalidator, refresher, check]);
   t.deepEqual(errors, []);
   t.deepEqual(problems, []);
-  t.true(comparisons >= 3, `${comparisons} comparisons`);
+  t.true(checks() >= 3, `${checks()} comparisons`);
 
   // Settled again: everything is in the rollups, nothing is left to read raw.
   await settleRollups(db.owner);
@@ -256,7 +236,7 @@ test.serial("reads over any window equal raw scans while rows arrive, change and
              (select count(*) from app_public.chat_completion_requests where attribution_status = 'pending') as pending
         from app_public.chat_completion_requests where created_at >= now() - interval '24 hours' and attribution_method = 'retry') x`)).rows[0].r;
   t.deepEqual(report, raw);
-  t.log(`${comparisons} comparisons of ${4 * ZONES.length} windows while writing`);
+  t.log(`${checks()} comparisons of ${4 * ZONES.length} windows while writing`);
 });
 
 test.serial("rows settle only once the transaction that drew their ids has ended", async (t) => {
