@@ -12,7 +12,6 @@
 // Every non-2xx or socket error is counted and reported. Beside them, the
 // figures a busy machine disturbs least: keytrack's own CPU time (user +
 // system, from /proc) per request of the throughput run, and the load average.
-import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import http from "node:http";
 import { readFileSync } from "node:fs";
@@ -23,24 +22,10 @@ import path from "node:path";
 import autocannon from "autocannon";
 import pg from "pg";
 
-import { projectRoot } from "../server/db/projectRoot.js";
-
 import { createKeys } from "./generate.js";
-import { cleanEnv, ensureBuilt, freePort, percentile, Proc, row, say, sleep, startCommand, untilHealthy, type Benchmark, type ResultRow } from "./lib.js";
+import { cleanEnv, ensureBuilt, freePort, percentile, Proc, row, say, sleep, startCommand, startUpstream, untilHealthy, type Benchmark, type ResultRow } from "./lib.js";
 
 const BODY = JSON.stringify({ model: "bench-model", messages: [{ role: "user", content: "hello from the benchmark" }] });
-
-async function startUpstream(): Promise<{ proc: Proc; url: string }> {
-  const child = spawn(process.execPath, [path.join(projectRoot, "bench/upstream.mjs")], { stdio: ["ignore", "pipe", "pipe"], detached: true });
-  const proc = new Proc(child, "upstream");
-  for (let i = 0; i < 200; i++) {
-    const m = /listening (\d+)/.exec(proc.output);
-    if (m) return { proc, url: `http://127.0.0.1:${m[1]}` };
-    if (!proc.alive) break;
-    await sleep(25);
-  }
-  throw new Error(`the upstream did not start: ${proc.output}`);
-}
 
 /** CPU time (user + system, ms) a process has used so far, from /proc/<pid>/stat (Linux); null elsewhere. */
 function cpuMs(pid: number | undefined): number | null {

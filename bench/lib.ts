@@ -271,6 +271,19 @@ export class Proc {
   }
 }
 
+/** bench/upstream.mjs, a process of its own: a trivial OpenAI-compatible upstream on a free loopback port. */
+export async function startUpstream(): Promise<{ proc: Proc; url: string }> {
+  const child = spawn(process.execPath, [path.join(projectRoot, "bench/upstream.mjs")], { stdio: ["ignore", "pipe", "pipe"], detached: true });
+  const proc = new Proc(child, "upstream");
+  for (let i = 0; i < 200; i++) {
+    const m = /listening (\d+)/.exec(proc.output);
+    if (m) return { proc, url: `http://127.0.0.1:${m[1]}` };
+    if (!proc.alive) break;
+    await sleep(25);
+  }
+  throw new Error(`the upstream did not start: ${proc.output}`);
+}
+
 /** Polls GET url/health until 200; returns when it answered (ms since `since`). */
 export async function untilHealthy(proc: Proc, url: string, timeoutMs: number, since: number, pollMs = 20): Promise<number> {
   const deadline = since + timeoutMs;

@@ -27,6 +27,7 @@ import { redactUrl } from "../server/db/urls.js";
 import { withClient } from "../server/db/prepare.js";
 
 import { attribution } from "./attribution.js";
+import { calibrate } from "./calibrate.js";
 import { http } from "./http.js";
 import { ingest } from "./ingest.js";
 import { Databases, dropLeftovers, ensureBuilt, say, table, type Benchmark, type ResultRow } from "./lib.js";
@@ -138,6 +139,7 @@ async function main(): Promise<number> {
     }
     const version = await withClient(rootUrl, async (c) => (await c.query("select current_setting('server_version') as v")).rows[0].v as string);
     say(`keytrack bench${quick ? " --quick" : ""}: ${only.map((k) => `${k} ${BENCHMARKS[k]!.name}`).join(", ")}; PostgreSQL ${version} (${where}); ${os.cpus().length} cores, ${(os.totalmem() / 2 ** 30).toFixed(0)} GiB, Node ${process.version}`);
+    const calibration = await calibrate(rootUrl, quick);
     await ensureBuilt();
     await dropLeftovers(rootUrl);
     const dbs = new Databases(rootUrl, `kt_bench_${process.pid}`);
@@ -172,7 +174,7 @@ async function main(): Promise<number> {
       mode: quick ? "quick" : "full",
       startedAt: startedAt.toISOString(),
       seconds: Number(seconds.toFixed(1)),
-      machine: { cores: os.cpus().length, cpu: os.cpus()[0]?.model, memoryGiB: Number((os.totalmem() / 2 ** 30).toFixed(1)), node: process.version, postgres: version, database: where, loadAverageAtStart: loadAtStart, loadAverageAtEnd: os.loadavg() },
+      machine: { cores: os.cpus().length, cpu: os.cpus()[0]?.model, memoryGiB: Number((os.totalmem() / 2 ** 30).toFixed(1)), node: process.version, postgres: version, database: where, loadAverageAtStart: loadAtStart, loadAverageAtEnd: os.loadavg(), calibration },
       options: opts,
       benchmarks: only.map((k) => BENCHMARKS[k]!.name),
       rows: all,

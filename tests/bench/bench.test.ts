@@ -49,13 +49,18 @@ test("npm run bench -- --quick completes every benchmark, prints the table and w
 
   // The JSON: every benchmark ran, no failure, every row a finite figure.
   const report = JSON.parse(await readFile(json, "utf8")) as {
-    mode: string; failures: string[]; benchmarks: string[]; rows: Array<{ benchmark: string; measure: string; figure: number; baseline: number | null; ratio: number | null; target: string | null }>;
+    mode: string; failures: string[]; benchmarks: string[]; machine: { calibration?: Record<string, unknown> }; rows: Array<{ benchmark: string; measure: string; figure: number; baseline: number | null; ratio: number | null; target: string | null }>;
     results: Record<string, { seconds?: number; error?: string }>;
   };
   t.is(report.mode, "quick");
   t.deepEqual(report.failures, []);
   t.deepEqual(report.benchmarks, BENCHMARKS);
   for (const name of BENCHMARKS) t.is(typeof report.results[name]?.seconds, "number", `${name} has no result`);
+  // The machine's own speed, measured first (bench/calibrate.ts): every figure positive and finite.
+  t.regex(stdout, /^# machine: JS loop \d+ M\/s, SHA-256 \d+k\/s, loopback HTTP round trip p50 [\d.]+ ms/m, output);
+  const calibration = report.machine.calibration ?? {};
+  t.deepEqual(Object.keys(calibration).sort(), ["jsLoopMops", "loopbackHttpP50Ms", "loopbackHttpP99Ms", "postgresCommitP50Ms", "postgresRoundTripP50Ms", "sha256KPerSecond"]);
+  for (const [k, v] of Object.entries(calibration)) t.true(typeof v === "number" && Number.isFinite(v) && v > 0, `calibration ${k}: ${String(v)}`);
   t.true(report.rows.length >= 10, `only ${report.rows.length} rows`);
   for (const r of report.rows) {
     t.true(Number.isFinite(r.figure), `${r.benchmark} / ${r.measure}: figure ${r.figure}`);
