@@ -197,7 +197,7 @@ CREATE INDEX chat_completion_requests_default_process_id_process_seq_idx ON app_
 CREATE INDEX chat_completion_requests_default_request_id_idx ON app_partitions.chat_completion_requests_default USING btree (request_id);
 CREATE INDEX chat_completion_requests_default_user_id_idx ON app_partitions.chat_completion_requests_default USING btree (user_id);
 CREATE TRIGGER _200_keep_initial_attribution BEFORE UPDATE ON app_partitions.chat_completion_requests_default FOR EACH ROW WHEN (old.initial_attribution IS DISTINCT FROM new.initial_attribution) EXECUTE FUNCTION app_private.tg_chat_completion_requests__keep_initial_attribution();  -- (no comment)
-CREATE TRIGGER _500_attribute BEFORE INSERT ON app_partitions.chat_completion_requests_default FOR EACH ROW EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- (no comment)
+CREATE TRIGGER _500_attribute BEFORE INSERT ON app_partitions.chat_completion_requests_default FOR EACH ROW WHEN (current_setting('keytrack.set_based_insert'::text, true) IS DISTINCT FROM 'on'::text) EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- (no comment)
 
 create table app_private.api_key_secrets (
   api_key_id uuid not null,  -- The key this hash belongs to (also the primary key, so it is indexed).
@@ -520,7 +520,7 @@ CREATE INDEX chat_completion_requests_unattributed_idx ON ONLY app_public.chat_c
 CREATE INDEX chat_completion_requests_user_id_idx ON ONLY app_public.chat_completion_requests USING btree (user_id);
 CREATE INDEX idx_chat_completion_requests_is_anonymous ON ONLY app_public.chat_completion_requests USING btree (is_anonymous);
 CREATE TRIGGER _200_keep_initial_attribution BEFORE UPDATE ON app_public.chat_completion_requests FOR EACH ROW WHEN (old.initial_attribution IS DISTINCT FROM new.initial_attribution) EXECUTE FUNCTION app_private.tg_chat_completion_requests__keep_initial_attribution();  -- Keeps initial_attribution immutable (see app_private.tg_chat_completion_requests__keep_initial_attribution).
-CREATE TRIGGER _500_attribute BEFORE INSERT ON app_public.chat_completion_requests FOR EACH ROW EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- Claims the request_id and attributes the row (see app_private.tg_chat_completion_requests__attribute).
+CREATE TRIGGER _500_attribute BEFORE INSERT ON app_public.chat_completion_requests FOR EACH ROW WHEN (current_setting('keytrack.set_based_insert'::text, true) IS DISTINCT FROM 'on'::text) EXECUTE FUNCTION app_private.tg_chat_completion_requests__attribute();  -- Claims the request_id and attributes the row (see app_private.tg_chat_completion_requests__attribute); skipped for the rows app_private.record_requests() inserts, which it claims and attributes itself.
 CREATE TRIGGER _900_mark_rollup_hours_delete AFTER DELETE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Records deleted rows for the rollups (see app_private.tg_chat_completion_requests__mark_rollup_hours).
 CREATE TRIGGER _900_mark_rollup_hours_update AFTER UPDATE ON app_public.chat_completion_requests REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION app_private.tg_chat_completion_requests__mark_rollup_hours();  -- Records attribution changes (retry, backfill) for the rollups (see app_private.tg_chat_completion_requests__mark_rollup_hours).
 policy select_admin for r to keytrack_admin, keytrack_analyst using (true);  -- Admins and analysts see every request.
@@ -955,6 +955,128 @@ AS $function$
 $function$;
 -- acl: keytrack_owner=X/keytrack_owner
 -- comment: Adds latencies (seconds) to the attribution latency histogram; one call per retry batch. Locks the buckets in ascending le (an ordered upsert), so concurrent batches never deadlock.
+
+CREATE OR REPLACE FUNCTION app_private.record_requests(request_ids text[], created_ats timestamp with time zone[], api_key_hashes bytea[], api_key_ids uuid[], user_ids uuid[], models text[], providers text[], input_tokens integer[], output_tokens integer[], processing_times_ms integer[], statuses text[], error_messages text[], attribution_reasons text[], spooled_ats timestamp with time zone[], process_ids uuid[], process_seqs bigint[])
+ RETURNS SETOF text
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'public', 'pg_temp'
+AS $function$
+declare
+  v_ids text[];
+  v_pending boolean;
+  v_late_hours timestamptz[];
+  v_distributed boolean := false;
+begin
+  if pg_catalog.to_regclass('pg_catalog.pg_dist_partition') is not null then
+    execute 'select exists (select 1 from pg_catalog.pg_dist_partition where logicalrelid = ''app_public.chat_completion_requests''::regclass)'
+      into v_distributed;
+  end if;
+  if v_distributed then
+    -- Citus (npm run db:distribute): the row trigger's Citus variant runs on the shards, row by row.
+    return query
+      insert into app_public.chat_completion_requests
+        (request_id, created_at, api_key_hash, api_key_id, user_id, model, provider, input_tokens, output_tokens,
+         processing_time_ms, status, error_message, attribution_reason, spooled_at, process_id, process_seq)
+      select * from unnest(record_requests.request_ids, record_requests.created_ats, record_requests.api_key_hashes,
+        record_requests.api_key_ids, record_requests.user_ids, record_requests.models, record_requests.providers,
+        record_requests.input_tokens, record_requests.output_tokens, record_requests.processing_times_ms,
+        record_requests.statuses, record_requests.error_messages, record_requests.attribution_reasons,
+        record_requests.spooled_ats, record_requests.process_ids, record_requests.process_seqs)
+      returning chat_completion_requests.request_id;
+    return;
+  end if;
+  perform pg_catalog.set_config('keytrack.set_based_insert', 'on', true);
+  with input as materialized (
+    select u.*
+      from unnest(record_requests.request_ids, record_requests.created_ats, record_requests.api_key_hashes,
+        record_requests.api_key_ids, record_requests.user_ids, record_requests.models, record_requests.providers,
+        record_requests.input_tokens, record_requests.output_tokens, record_requests.processing_times_ms,
+        record_requests.statuses, record_requests.error_messages, record_requests.attribution_reasons,
+        record_requests.spooled_ats, record_requests.process_ids, record_requests.process_seqs)
+        with ordinality as u(request_id, created_at, api_key_hash, api_key_id, user_id, model, provider, input_tokens,
+                             output_tokens, processing_time_ms, status, error_message, attribution_reason, spooled_at,
+                             process_id, process_seq, ord)
+  ), firsts as (
+    -- As the trigger, row by row in the given order: the first row of a request id claims it, a later
+    -- one (in this call, or recorded before) is skipped.
+    select distinct on (i.request_id) i.* from input i order by i.request_id, i.ord
+  ), claimed as (
+    insert into app_private.request_ids (request_id, created_at)
+      select f.request_id, f.created_at from firsts f order by f.ord
+      on conflict do nothing
+      returning request_id
+  ), decided as (
+    select f.*,
+           by_hash.id as hash_key_id, by_hash.user_id as hash_user_id, by_hash.environment as hash_env,
+           by_id.user_id as id_user_id, by_id.environment as id_env
+      from firsts f
+      join claimed c on c.request_id = f.request_id
+      left join (app_private.api_key_secrets s join app_public.api_keys by_hash on by_hash.id = s.api_key_id)
+        on f.api_key_hash is not null and s.key_hash = f.api_key_hash
+      left join app_public.api_keys by_id on f.api_key_hash is null and by_id.id = f.api_key_id
+  ), inserted as (
+    insert into app_public.chat_completion_requests
+      (request_id, created_at, api_key_hash, api_key_id, user_id, is_anonymous, model, provider, input_tokens,
+       output_tokens, processing_time_ms, status, error_message, attribution_status, attribution_method,
+       attribution_reason, attribution_attempts, attribution_next_attempt_at, attribution_error, attributed_at,
+       initial_attribution, spooled_at, process_id, process_seq)
+    select d.request_id, d.created_at, d.api_key_hash,
+           case when d.api_key_hash is not null then d.hash_key_id else d.api_key_id end,
+           case when d.hash_key_id is not null then d.hash_user_id
+                when d.api_key_hash is null and d.api_key_id is not null then coalesce(d.id_user_id, d.user_id)
+                else d.user_id end,
+           d.api_key_hash is null and d.api_key_id is null and d.user_id is null,
+           d.model, d.provider, d.input_tokens, d.output_tokens, d.processing_time_ms, d.status, d.error_message,
+           case when d.hash_key_id is not null or (d.api_key_hash is null and d.api_key_id is not null) then 'resolved'
+                when d.api_key_hash is not null and d.attribution_reason = 'dev_bypass' then 'failed'
+                when d.api_key_hash is not null then 'pending'
+                when d.user_id is not null then 'failed'
+                else 'anonymous' end,
+           case when d.hash_key_id is not null then case when d.hash_env = 'development' then 'dev' else 'lookup' end
+                when d.api_key_hash is null and d.api_key_id is not null then case when d.id_env = 'development' then 'dev' else 'lookup' end
+           end,
+           case when d.hash_key_id is not null or (d.api_key_hash is null and d.api_key_id is not null) then null
+                when d.api_key_hash is not null and d.attribution_reason in ('dev_bypass', 'lookup_failed') then d.attribution_reason
+                when d.api_key_hash is not null then 'not_found'
+                when d.user_id is not null then 'no_key'
+           end,
+           case when d.api_key_hash is not null then 1 else 0 end,
+           case when d.hash_key_id is null and d.api_key_hash is not null and d.attribution_reason is distinct from 'dev_bypass' then now() end,
+           case when d.hash_key_id is null and d.api_key_hash is not null and d.attribution_reason = 'lookup_failed'
+                then 'the writer''s own key lookup failed' end,
+           case when d.hash_key_id is not null or (d.api_key_hash is null and d.api_key_id is not null) then now() end,
+           case when d.hash_key_id is not null then case when d.hash_env = 'development' then 'resolved_dev' else 'resolved_lookup' end
+                when d.api_key_hash is null and d.api_key_id is not null then case when d.id_env = 'development' then 'resolved_dev' else 'resolved_lookup' end
+                when d.api_key_hash is not null and d.attribution_reason = 'dev_bypass' then 'failed_dev_bypass'
+                when d.api_key_hash is not null and d.attribution_reason = 'lookup_failed' then 'pending_lookup_failed'
+                when d.api_key_hash is not null then 'pending_not_found'
+                when d.user_id is not null then 'failed_no_key'
+                else 'anonymous' end,
+           d.spooled_at, d.process_id, d.process_seq
+      from decided d
+     order by d.ord
+    returning chat_completion_requests.request_id, chat_completion_requests.created_at, chat_completion_requests.attribution_status
+  )
+  select pg_catalog.array_agg(x.request_id), pg_catalog.bool_or(x.attribution_status = 'pending'),
+         pg_catalog.array_agg(distinct pg_catalog.date_trunc('hour', x.created_at, 'UTC'))
+           filter (where x.created_at < pg_catalog.date_trunc('hour', pg_catalog.clock_timestamp(), 'UTC'))
+    into v_ids, v_pending, v_late_hours
+    from inserted x;
+  perform pg_catalog.set_config('keytrack.set_based_insert', '', true);
+  -- As the trigger: after the rows (this transaction has its id and a write lock on the ledger), a row
+  -- whose hour had already ended marks it for the rollups; one still open is covered by the refresh's fence.
+  if v_late_hours is not null then
+    insert into app_public.attribution_rollup_dirty_hours (hour) select h from pg_catalog.unnest(v_late_hours) h;
+  end if;
+  if v_pending then
+    perform app_private.schedule_attribution_retry(now());
+  end if;
+  return query select r from pg_catalog.unnest(v_ids) r;
+end;
+$function$;
+-- acl: keytrack_owner=X/keytrack_owner
+-- comment: Records many requests in one call, one array per column (all of the same length), exactly as that many INSERTs through the row trigger would: the request id claimed (a request id already recorded, or given twice, is skipped: its first row counts), the row attributed from api_key_hash, api_key_id, user_id or nothing, late hours marked for the rollups, the retry worker woken for pending rows. Returns the request ids recorded. Set-based (one claim, one join to the keys, one INSERT), so several times cheaper per row than the trigger. On Citus it inserts through the row trigger.
 
 CREATE OR REPLACE FUNCTION app_private.refresh_attribution_rollups()
  RETURNS app_private.attribution_rollup_refresh_result

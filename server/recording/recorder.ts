@@ -105,21 +105,20 @@ export function insertValues(row: RequestRecord, spooledAt: Date | null = null):
 }
 
 /**
- * Many rows in one statement: one array per column, unnested in step (all of
- * the same length). A constant text, so it is prepared once per connection
- * (BATCH_STATEMENT_NAME). RETURNING names the rows inserted; a row the
- * trigger skips (its request_id is already recorded) is not returned.
+ * Many rows in one statement: one array per column (all of the same length),
+ * recorded by app_private.record_requests() (migration 000012): set-based, the
+ * same rows the row trigger would store, several times cheaper per row. A
+ * constant text, so it is prepared once per connection (BATCH_STATEMENT_NAME).
+ * It returns the request ids recorded; a row whose request_id is already
+ * recorded (or given twice) is not returned.
  */
-export const INSERT_REQUESTS_BATCH_SQL = `
-  insert into app_public.chat_completion_requests
-    (request_id, created_at, api_key_hash, api_key_id, user_id, model, provider, input_tokens,
-     output_tokens, processing_time_ms, status, error_message, attribution_reason, spooled_at, process_id, process_seq)
-  select * from unnest($1::text[], $2::timestamptz[], $3::bytea[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::int4[],
-                       $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[], $14::timestamptz[], $15::uuid[], $16::int8[])
-  returning request_id`;
-const BATCH_STATEMENT_NAME = "keytrack_record_requests_v1";
+export const RECORD_REQUESTS_SQL = `
+  select r as request_id
+    from app_private.record_requests($1::text[], $2::timestamptz[], $3::bytea[], $4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::int4[],
+                                     $9::int4[], $10::int4[], $11::text[], $12::text[], $13::text[], $14::timestamptz[], $15::uuid[], $16::int8[]) r`;
+const BATCH_STATEMENT_NAME = "keytrack_record_requests_v2";
 
-/** The 16 column arrays of INSERT_REQUESTS_BATCH_SQL for rows already made storable. */
+/** The 16 column arrays of RECORD_REQUESTS_SQL for rows already made storable. */
 export function batchValues(rows: readonly RequestRecord[], spooledAt: Date | null = null): unknown[][] {
   const columns: unknown[][] = Array.from({ length: 16 }, () => new Array<unknown>(rows.length));
   for (let i = 0; i < rows.length; i++) {
@@ -391,7 +390,7 @@ export function createRecorder(options: RecorderOptions): Recorder {
   /** One statement for `rows`: the request ids it inserted. */
   async function insertBatchOnce(rows: readonly RequestRecord[]): Promise<Set<string>> {
     const pending = Promise.resolve().then(() =>
-      currentPool().query<{ request_id: string }>({ name: BATCH_STATEMENT_NAME, text: INSERT_REQUESTS_BATCH_SQL, values: batchValues(rows) }),
+      currentPool().query<{ request_id: string }>({ name: BATCH_STATEMENT_NAME, text: RECORD_REQUESTS_SQL, values: batchValues(rows) }),
     );
     pending.catch(() => {}); // an abandoned (timed out) try must not become an unhandled rejection
     const result = await withTimeout(pending, attemptTimeoutMs);
