@@ -1,5 +1,5 @@
 --! Previous: sha1:41d26dee0d3fd76c380678f5e89d8a18be0dcef9
---! Hash: sha1:402e319e7a75dedd4317ba5a75257d333fba135f
+--! Hash: sha1:72bf47eda152fee7cba58558974edd65be379abb
 --! Message: record_requests: set-based recording of many rows
 
 --! split: 1-current.sql
@@ -88,9 +88,13 @@ begin
            by_id.user_id as id_user_id, by_id.environment as id_env
       from firsts f
       join claimed c on c.request_id = f.request_id
-      left join (app_private.api_key_secrets s join app_public.api_keys by_hash on by_hash.id = s.api_key_id)
-        on f.api_key_hash is not null and s.key_hash = f.api_key_hash
-      left join app_public.api_keys by_id on f.api_key_hash is null and by_id.id = f.api_key_id
+      -- Index lookups per row (lateral), never a hash of every key: the batch is small, the keys are many.
+      left join lateral (
+        select k.id, k.user_id, k.environment from app_private.api_key_secrets s join app_public.api_keys k on k.id = s.api_key_id
+         where s.key_hash = f.api_key_hash) by_hash on true
+      left join lateral (
+        select k.user_id, k.environment from app_public.api_keys k
+         where f.api_key_hash is null and k.id = f.api_key_id) by_id on true
   ), inserted as (
     insert into app_public.chat_completion_requests
       (request_id, created_at, api_key_hash, api_key_id, user_id, is_anonymous, model, provider, input_tokens,
