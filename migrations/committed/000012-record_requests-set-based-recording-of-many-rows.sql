@@ -1,5 +1,5 @@
 --! Previous: sha1:41d26dee0d3fd76c380678f5e89d8a18be0dcef9
---! Hash: sha1:72bf47eda152fee7cba58558974edd65be379abb
+--! Hash: sha1:b909557e839775ec6f2b5111ab2d6448e944ab71
 --! Message: record_requests: set-based recording of many rows
 
 --! split: 1-current.sql
@@ -157,5 +157,5 @@ begin
 end;
 $$;
 comment on function app_private.record_requests(text[], timestamptz[], bytea[], uuid[], uuid[], text[], text[], int4[], int4[], int4[], text[], text[], text[], timestamptz[], uuid[], int8[]) is
-  'Records many requests in one call, one array per column (all of the same length), exactly as that many INSERTs through the row trigger would: the request id claimed (a request id already recorded, or given twice, is skipped: its first row counts), the row attributed from api_key_hash, api_key_id, user_id or nothing, late hours marked for the rollups, the retry worker woken for pending rows. Returns the request ids recorded. Set-based (one claim, one join to the keys, one INSERT), so several times cheaper per row than the trigger. On Citus it inserts through the row trigger.';
+  'Records many requests in one call, one array per column (all of the same length), exactly as that many INSERTs through the row trigger would: the request id claimed (a request id already recorded, or given twice, is skipped: its first row counts), the row attributed from api_key_hash, api_key_id, user_id or nothing, late hours marked for the rollups, the retry worker woken for pending rows. Returns the request ids recorded. Set-based (one claim, one join to the keys, one INSERT): less than half the cost the row trigger adds per row. On Citus it inserts through the row trigger.';
 revoke all on function app_private.record_requests(text[], timestamptz[], bytea[], uuid[], uuid[], text[], text[], int4[], int4[], int4[], text[], text[], text[], timestamptz[], uuid[], int8[]) from public;

@@ -107,7 +107,8 @@ export function insertValues(row: RequestRecord, spooledAt: Date | null = null):
 /**
  * Many rows in one statement: one array per column (all of the same length),
  * recorded by app_private.record_requests() (migration 000012): set-based, the
- * same rows the row trigger would store, several times cheaper per row. A
+ * same rows the row trigger would store, at less than half the cost the
+ * trigger adds per row (docs/benchmarks.md, Session 5). A
  * constant text, so it is prepared once per connection (BATCH_STATEMENT_NAME).
  * It returns the request ids recorded; a row whose request_id is already
  * recorded (or given twice) is not returned.
